@@ -1,0 +1,45 @@
+"""Device names used by plans: ``"cpu:N"`` (a dedicated CPU worker thread) and ``"cuda:N"``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+__all__ = ["check_devices", "is_cuda", "parse_device", "timing_class"]
+
+_DEVICE = re.compile(r"(cpu|cuda):(\d+)")
+
+
+def parse_device(name: str) -> tuple[str, int]:
+    """Split ``"cpu:N"``/``"cuda:N"`` into ``(kind, index)``; ``ValueError`` for anything else."""
+    match = _DEVICE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"bad device name {name!r}: expected 'cpu:N' or 'cuda:N', e.g. 'cpu:0'")
+    return match.group(1), int(match.group(2))
+
+
+def check_devices(devices: Sequence[str]) -> tuple[str, ...]:
+    """Validate a non-empty sequence of distinct device names and return it as a tuple."""
+    if isinstance(devices, str):
+        raise TypeError(
+            f"devices must be a list of names such as ['cpu:0', 'cpu:1'], not {devices!r}"
+        )
+    names = tuple(devices)
+    if not names:
+        raise ValueError("devices is empty: give at least one device such as 'cpu:0'")
+    for name in names:
+        parse_device(name)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"devices are listed more than once: {', '.join(duplicates)}")
+    return names
+
+
+def is_cuda(name: str) -> bool:
+    """Whether ``name`` is a CUDA device."""
+    return parse_device(name)[0] == "cuda"
+
+
+def timing_class(name: str) -> str:
+    """Devices with identical speed share a class: every CPU worker is ``"cpu"``; GPUs are their own."""
+    return "cpu" if parse_device(name)[0] == "cpu" else name
