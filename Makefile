@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: setup demo test lint brokers brokers-stop bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: setup
+	$(BIN)/python examples/quickstart.py
+
+brokers: setup
+	.ci/brokers.sh start
+
+brokers-stop:
+	.ci/brokers.sh stop
+
+test: setup brokers
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check streamflow connectors tests benchmarks examples
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python benchmarks/hop.py
+
+clean: brokers-stop
+	rm -rf $(VENV) .brokers .pytest_cache .mypy_cache

@@ -1,0 +1,66 @@
+"""streamflow: asyncio dataflow for running neural networks over streams.
+
+A :class:`Flow` is a graph of named stages joined by bounded channels with backpressure::
+
+    flow = sf.Flow("demo")
+    flow.source("numbers", sf.iterate(range(10))).map("double", double).sink("out", print)
+    await flow.run()
+"""
+
+from ._channel import Channel as Channel
+from ._channel import ChannelStatistics as ChannelStatistics
+from ._channel import Overflow as Overflow
+from ._describe import FlowDescription as FlowDescription
+from ._errors import ChannelClosed as ChannelClosed
+from ._errors import ChannelFull as ChannelFull
+from ._errors import GraphError as GraphError
+from ._errors import StageError as StageError
+from ._graph import Flow as Flow
+from ._graph import Stream as Stream
+from ._graph import merge as merge
+from ._io import Sink as Sink
+from ._io import Source as Source
+from ._io import collect as collect
+from ._io import iterate as iterate
+from ._logging import configure_logging as configure_logging
+from ._message import AckCallback as AckCallback
+from ._message import Message as Message
+from ._message import Outcome as Outcome
+from ._metrics import StageMetrics as StageMetrics
+from ._policy import DeadLetter as DeadLetter
+from ._policy import ErrorPolicy as ErrorPolicy
+from ._policy import FailedItem as FailedItem
+from ._policy import Retry as Retry
+from ._runtime import RunningFlow as RunningFlow
+from ._stage import Stage as Stage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AckCallback",
+    "Channel",
+    "ChannelClosed",
+    "ChannelFull",
+    "ChannelStatistics",
+    "DeadLetter",
+    "ErrorPolicy",
+    "FailedItem",
+    "Flow",
+    "FlowDescription",
+    "GraphError",
+    "Message",
+    "Outcome",
+    "Overflow",
+    "Retry",
+    "RunningFlow",
+    "Sink",
+    "Source",
+    "Stage",
+    "StageError",
+    "StageMetrics",
+    "Stream",
+    "collect",
+    "configure_logging",
+    "iterate",
+    "merge",
+]

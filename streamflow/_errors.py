@@ -1,0 +1,71 @@
+"""Exceptions raised by streamflow."""
+
+from __future__ import annotations
+
+import reprlib
+from typing import Any
+
+__all__ = ["ChannelClosed", "ChannelFull", "GraphError", "StageError", "describe_item"]
+
+_repr = reprlib.Repr()
+_repr.maxstring = 60
+_repr.maxother = 60
+_repr.maxlist = 6
+_repr.maxdict = 6
+
+
+def describe_item(item: Any) -> str:
+    """A short, safe description of an item for error messages and logs.
+
+    Tensors and arrays are described by shape and dtype, never by their values.
+    """
+    shape = getattr(item, "shape", None)
+    dtype = getattr(item, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{type(item).__name__}(shape={list(shape)}, dtype={dtype})"
+    try:
+        return _repr.repr(item)
+    except Exception:  # a broken __repr__ must not hide the real error
+        return f"<{type(item).__name__}>"
+
+
+class GraphError(ValueError):
+    """The flow graph is not valid (raised when the flow is built or started)."""
+
+
+class ChannelClosed(Exception):
+    """The channel was closed: no more items can be sent."""
+
+
+class ChannelFull(Exception):
+    """A channel with ``overflow="error"`` was full when an item was sent."""
+
+
+class StageError(Exception):
+    """A stage failed on an item.
+
+    Attributes name the flow, the stage, a short description of the item and its metadata;
+    the original exception is ``__cause__`` (and ``cause``).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        item: Any,
+        cause: BaseException,
+        *,
+        flow: str | None = None,
+        meta: Any = None,
+    ) -> None:
+        self.stage = stage
+        self.flow = flow
+        self.item = describe_item(item)
+        self.meta = meta
+        self.cause = cause
+        where = f"stage {stage!r}" if flow is None else f"stage {stage!r} of flow {flow!r}"
+        text = f"{where} failed on item {self.item}"
+        if meta:
+            text += f" (meta {describe_item(meta)})"
+        text += f": {type(cause).__name__}: {cause}"
+        super().__init__(text)
+        self.__cause__ = cause

@@ -1,0 +1,456 @@
+"""The declarative flow graph: Flow, Stream handles, merge, and build-time validation."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from ._channel import _OVERFLOWS, Overflow
+from ._devices import parse_device
+from ._errors import GraphError
+from ._io import Sink, Source, iterate
+from ._policy import ErrorPolicy, check_policy
+from ._stage import Stage
+
+if TYPE_CHECKING:
+    from ._describe import FlowDescription
+    from ._metrics import StageMetrics
+    from ._runtime import RunningFlow
+
+__all__ = ["Flow", "Stream", "merge"]
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+Kind = Literal["source", "map", "filter", "flat_map", "batch", "unbatch", "sink", "merge"]
+
+
+@dataclass(eq=False)
+class _Node:
+    """One named vertex of the graph; the runtime turns it into a task (merge: a junction)."""
+
+    name: str
+    kind: Kind
+    fn: Any = None
+    inputs: list[_Node] = field(default_factory=list)
+    consumers: list[_Node] = field(default_factory=list)
+    capacity: int = 16
+    overflow: Overflow = "block"
+    device: str | None = None
+    concurrency: int = 1
+    ordered: bool = True
+    errors: ErrorPolicy = "fail"
+    envelope: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        fn = self.fn.__class__.__name__ if isinstance(self.fn, Stage) else _fn_name(self.fn)
+        return fn or ""
+
+
+def _fn_name(fn: Any) -> str:
+    if fn is None:
+        return ""
+    if isinstance(fn, iterate):
+        return "iterate"
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return str(name) if name else type(fn).__name__
+
+
+class Flow:
+    """A named graph of stages. Build it with :meth:`source` and the :class:`Stream` methods,
+    then ``await flow.run()`` or ``async with flow.start() as running:``.
+    """
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise GraphError(f"a flow needs a non-empty name, got {name!r}")
+        self.name = name
+        self._nodes: dict[str, _Node] = {}
+        self._last_metrics: dict[str, StageMetrics] = {}
+        self._running = False
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.name!r} with {len(self._nodes)} stages>"
+
+    # -- building ----------------------------------------------------------------------
+
+    def source(self, name: str, source: Source[T] | Iterable[T]) -> Stream[T]:
+        """Add a source: an :class:`~streamflow.Source` (any async iterable) or an iterable."""
+        if not isinstance(source, AsyncIterable):
+            if isinstance(source, Iterable) and not isinstance(source, str | bytes):
+                source = iterate(source)
+            else:
+                raise GraphError(
+                    f"source {name!r}: expected an async iterable (sf.Source) or an iterable, "
+                    f"got {source!r}"
+                )
+        return Stream(self, self._add(_Node(name, "source", fn=source)))
+
+    def _add(self, node: _Node) -> _Node:
+        if not isinstance(node.name, str) or not node.name:
+            raise GraphError(f"a stage needs a non-empty name, got {node.name!r}")
+        if node.name in self._nodes:
+            raise GraphError(f"flow {self.name!r} already has a stage named {node.name!r}")
+        if self._running:
+            raise GraphError(f"flow {self.name!r} is running: add stages before starting it")
+        self._nodes[node.name] = node
+        for upstream in node.inputs:
+            upstream.consumers.append(node)
+        return node
+
+    # -- running -----------------------------------------------------------------------
+
+    def start(self) -> RunningFlow:
+        """Start the flow; use as ``async with flow.start() as running:``.
+
+        Leaving the block drains the flow (like ``running.stop(drain=True)``); an error in the
+        block stops it without draining.
+        """
+        from ._runtime import RunningFlow
+
+        self.validate()
+        return RunningFlow(self)
+
+    async def run(self) -> None:
+        """Run until every source is exhausted and every item has reached the sinks.
+
+        :raises StageError: a stage with ``errors="fail"`` raised; the flow was stopped.
+        """
+        async with self.start() as running:
+            await running.wait()
+
+    def metrics(self) -> dict[str, StageMetrics]:
+        """Per-stage metrics of the last run (empty before the first run)."""
+        return dict(self._last_metrics)
+
+    def describe(self) -> FlowDescription:
+        """The graph as text (``str(...)``) and as a Mermaid diagram (``.mermaid``)."""
+        from ._describe import describe
+
+        return describe(self.name, list(self._nodes.values()))
+
+    # -- validation --------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check the graph; raise :class:`GraphError` naming what is wrong."""
+        nodes = list(self._nodes.values())
+        if not any(n.kind == "source" for n in nodes):
+            raise GraphError(f"flow {self.name!r} has no source")
+        for node in nodes:
+            if node.kind != "sink" and not node.consumers:
+                raise GraphError(
+                    f"stage {node.name!r} of flow {self.name!r} has no consumer: "
+                    f"add a stage or a sink after it (every item must end in a sink)"
+                )
+        cycle = _find_cycle(nodes)
+        if cycle:
+            raise GraphError(f"flow {self.name!r} has a cycle: {' -> '.join(cycle)}")
+
+
+def _find_cycle(nodes: list[_Node]) -> list[str] | None:
+    state: dict[int, int] = {}  # 1 = on the path, 2 = done
+    path: list[_Node] = []
+
+    def visit(node: _Node) -> list[str] | None:
+        state[id(node)] = 1
+        path.append(node)
+        for nxt in node.consumers:
+            mark = state.get(id(nxt))
+            if mark == 1:
+                start = path.index(nxt)
+                return [n.name for n in path[start:]] + [nxt.name]
+            if mark is None:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[id(node)] = 2
+        return None
+
+    for node in nodes:
+        if id(node) not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+class Stream(Generic[T]):
+    """The output of a stage. Each method adds a stage reading it and returns its output.
+
+    A stream read by several stages is broadcast: each gets every item. Common options:
+
+    - ``capacity``, ``overflow``: the bounded channel in front of the new stage.
+    - ``device``: ``None`` (the event loop), ``"cpu"`` (a shared thread pool), ``"cpu:N"``
+      (dedicated worker thread N) or ``"cuda:N"``; plain ``def`` functions run there.
+    - ``concurrency``: items processed at once; results keep input order unless
+      ``ordered=False``.
+    - ``errors``: ``"fail"``, ``"skip"``, :class:`~streamflow.Retry` or
+      :class:`~streamflow.DeadLetter`.
+    - ``envelope``: pass the :class:`~streamflow.Message` instead of its value.
+    """
+
+    __slots__ = ("_flow", "_node")
+
+    def __init__(self, flow: Flow, node: _Node) -> None:
+        self._flow = flow
+        self._node = node
+
+    @property
+    def name(self) -> str:
+        return self._node.name
+
+    @property
+    def flow(self) -> Flow:
+        return self._flow
+
+    def __repr__(self) -> str:
+        return f"<Stream {self._node.name!r} of flow {self._flow.name!r}>"
+
+    def map(
+        self,
+        name: str,
+        fn: Callable[[T], Any] | Stage[T, Any],
+        *,
+        capacity: int = 16,
+        overflow: Overflow = "block",
+        device: str | None = None,
+        concurrency: int = 1,
+        ordered: bool = True,
+        errors: ErrorPolicy = "fail",
+        envelope: bool = False,
+    ) -> Stream[Any]:
+        """Apply ``fn`` (``def``, ``async def`` or a :class:`~streamflow.Stage`) to each item."""
+        return self._then(
+            name, "map", fn, capacity, overflow, device, concurrency, ordered, errors, envelope
+        )
+
+    def filter(
+        self,
+        name: str,
+        predicate: Callable[[T], Any],
+        *,
+        capacity: int = 16,
+        overflow: Overflow = "block",
+        device: str | None = None,
+        concurrency: int = 1,
+        ordered: bool = True,
+        errors: ErrorPolicy = "fail",
+        envelope: bool = False,
+    ) -> Stream[T]:
+        """Keep the items for which ``predicate`` is true; the others are acked as filtered."""
+        return self._then(
+            name,
+            "filter",
+            predicate,
+            capacity,
+            overflow,
+            device,
+            concurrency,
+            ordered,
+            errors,
+            envelope,
+        )
+
+    def flat_map(
+        self,
+        name: str,
+        fn: Callable[[T], Any],
+        *,
+        capacity: int = 16,
+        overflow: Overflow = "block",
+        device: str | None = None,
+        concurrency: int = 1,
+        ordered: bool = True,
+        errors: ErrorPolicy = "fail",
+        envelope: bool = False,
+    ) -> Stream[Any]:
+        """Emit every item of ``fn(item)``: an iterable, an async iterable, or an async
+        generator. The outputs share the input's ack; none at all acks it as filtered."""
+        return self._then(
+            name,
+            "flat_map",
+            fn,
+            capacity,
+            overflow,
+            device,
+            concurrency,
+            ordered,
+            errors,
+            envelope,
+        )
+
+    def batch(
+        self,
+        name: str,
+        max_size: int,
+        max_wait: float,
+        *,
+        capacity: int = 16,
+        overflow: Overflow = "block",
+    ) -> Stream[list[T]]:
+        """Group items into lists: emit when ``max_size`` items are in, or when the oldest has
+        waited ``max_wait`` seconds, or at the end of the stream (a partial batch)."""
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise GraphError(f"stage {name!r}: max_size must be an int >= 1, got {max_size!r}")
+        if not isinstance(max_wait, int | float) or max_wait < 0:
+            raise GraphError(f"stage {name!r}: max_wait must be seconds >= 0, got {max_wait!r}")
+        stream = self._then(name, "batch", None, capacity, overflow, None, 1, True, "fail", False)
+        stream._node.options.update(max_size=max_size, max_wait=float(max_wait))
+        return stream
+
+    def unbatch(
+        self, name: str, *, capacity: int = 16, overflow: Overflow = "block"
+    ) -> Stream[Any]:
+        """Emit the elements of each list one by one (the inverse of :meth:`batch`).
+
+        When a batch still has as many elements as it was built from, each element gets back
+        its own metadata and ack."""
+        return self._then(name, "unbatch", None, capacity, overflow, None, 1, True, "fail", False)
+
+    def sink(
+        self,
+        name: str,
+        sink: Sink[T] | Callable[[T], Any],
+        *,
+        capacity: int = 16,
+        overflow: Overflow = "block",
+        device: str | None = None,
+        concurrency: int = 1,
+        errors: ErrorPolicy = "fail",
+        envelope: bool = False,
+    ) -> None:
+        """End the stream in ``sink``: an :class:`~streamflow.Sink` or a callable. An item
+        is acked as delivered when the sink returns."""
+        target: Any = sink
+        if not callable(target):
+            send = getattr(target, "send", None)
+            if not callable(send):
+                raise GraphError(
+                    f"stage {name!r}: a sink must be callable or have send(item), got {sink!r}"
+                )
+        self._then(
+            name, "sink", sink, capacity, overflow, device, concurrency, True, errors, envelope
+        )
+
+    def _then(
+        self,
+        name: str,
+        kind: Kind,
+        fn: Any,
+        capacity: int,
+        overflow: Overflow,
+        device: str | None,
+        concurrency: int,
+        ordered: bool,
+        errors: ErrorPolicy,
+        envelope: bool,
+    ) -> Stream[Any]:
+        _check_options(name, kind, fn, capacity, overflow, device, concurrency, errors)
+        node = _Node(
+            name,
+            kind,
+            fn=fn,
+            inputs=[self._node],
+            capacity=capacity,
+            overflow=overflow,
+            device=device,
+            concurrency=concurrency,
+            ordered=ordered,
+            errors=errors,
+            envelope=envelope,
+        )
+        return Stream(self._flow, self._flow._add(node))
+
+
+def _check_options(
+    name: str,
+    kind: Kind,
+    fn: Any,
+    capacity: int,
+    overflow: Overflow,
+    device: str | None,
+    concurrency: int,
+    errors: ErrorPolicy,
+) -> None:
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise GraphError(f"stage {name!r}: capacity must be an int >= 1, got {capacity!r}")
+    if overflow not in _OVERFLOWS:
+        raise GraphError(f"stage {name!r}: overflow must be one of {_OVERFLOWS}, got {overflow!r}")
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise GraphError(f"stage {name!r}: concurrency must be an int >= 1, got {concurrency!r}")
+    if device is not None:
+        try:
+            parse_device(device)
+        except ValueError as exc:
+            raise GraphError(f"stage {name!r}: {exc}") from None
+    check_policy(errors, name)
+    if kind in ("batch", "unbatch", "sink"):
+        return
+    if isinstance(fn, Stage):
+        if kind != "map":
+            raise GraphError(f"stage {name!r}: a Stage instance can only be used with map()")
+        return
+    if isinstance(fn, type) and issubclass(fn, Stage):
+        raise GraphError(
+            f"stage {name!r}: got the class {fn.__name__}; pass an instance: {fn.__name__}()"
+        )
+    if not callable(fn):
+        raise GraphError(f"stage {name!r}: {fn!r} is not callable (expected a function or Stage)")
+    if device is not None and device != "cpu" and _is_async(fn):
+        raise GraphError(
+            f"stage {name!r}: {_fn_name(fn)} is async and would run on the event loop; "
+            f"device={device!r} runs plain (sync) functions on a worker thread"
+        )
+
+
+def _is_async(fn: Any) -> bool:
+    return (
+        inspect.iscoroutinefunction(fn)
+        or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - callable objects
+        )
+        or inspect.isasyncgenfunction(fn)
+    )
+
+
+class _Merged(Stream[T]):
+    """The output of :func:`merge`; ``add()`` joins one more input stream."""
+
+    __slots__ = ()
+
+    def add(self, stream: Stream[T]) -> _Merged[T]:
+        """Join ``stream`` into this merge (rejected if it would close a cycle)."""
+        if not isinstance(stream, Stream) or stream._flow is not self._flow:
+            raise GraphError(
+                f"merge {self.name!r}: can only add streams of flow {self._flow.name!r}"
+            )
+        node = self._node
+        node.inputs.append(stream._node)
+        stream._node.consumers.append(node)
+        cycle = _find_cycle(list(self._flow._nodes.values()))
+        if cycle:
+            node.inputs.pop()
+            stream._node.consumers.pop()
+            raise GraphError(
+                f"flow {self._flow.name!r}: merge would create a cycle: {' -> '.join(cycle)}"
+            )
+        return self
+
+
+def merge(name: str, *streams: Stream[Any]) -> _Merged[Any]:
+    """Fan in: one stream with every item of ``streams``, in arrival order.
+
+    It is a junction, not a task: it adds no hop and has no metrics of its own.
+    """
+    if not streams:
+        raise GraphError(f"merge {name!r}: give at least one stream")
+    flows = {id(s._flow) for s in streams if isinstance(s, Stream)}
+    if len(flows) != 1 or not all(isinstance(s, Stream) for s in streams):
+        raise GraphError(f"merge {name!r}: all inputs must be streams of the same flow")
+    flow = streams[0]._flow
+    node = flow._add(_Node(name, "merge", inputs=[s._node for s in streams]))
+    return _Merged(flow, node)

@@ -1,0 +1,113 @@
+"""The envelope around every item, and the acknowledgement that follows it to the sinks."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+__all__ = ["AckCallback", "Message", "Outcome"]
+
+T = TypeVar("T")
+
+
+class Outcome(enum.Flag):
+    """How the items derived from one source item ended.
+
+    Flags combine: a broadcast item delivered by one branch and filtered in another is
+    ``DELIVERED | FILTERED``.
+    """
+
+    DELIVERED = enum.auto()
+    """A sink accepted it."""
+    FILTERED = enum.auto()
+    """A ``filter`` (or an empty ``flat_map``) removed it."""
+    DROPPED = enum.auto()
+    """A channel's overflow policy dropped it."""
+    SKIPPED = enum.auto()
+    """A stage failed on it and its policy skipped it."""
+    DEAD_LETTERED = enum.auto()
+    """A stage failed on it and it went to the dead-letter sink."""
+
+
+AckCallback = Callable[[Outcome], None]
+"""Called once on the event loop when every item derived from a source item is handled."""
+
+
+class Message(Generic[T]):
+    """An item with its metadata, as it travels between stages.
+
+    Sources may yield ``Message(value, meta=..., on_ack=...)`` to attach metadata (key,
+    partition, offset, ...) and to learn, through ``on_ack(outcome)``, when everything derived
+    from the item has been handled. Plain values are wrapped automatically. ``on_ack`` runs on
+    the event loop and must not block. Stages see ``value`` unless they ask for the envelope.
+    """
+
+    __slots__ = ("_ack", "_born", "meta", "value")
+
+    def __init__(
+        self, value: T, meta: dict[str, Any] | None = None, on_ack: AckCallback | None = None
+    ) -> None:
+        self.value = value
+        self.meta = meta
+        self._ack: _Ack | None = _Ack(on_ack) if on_ack is not None else None
+        self._born = 0.0
+
+    def __repr__(self) -> str:
+        return f"Message(value={self.value!r}, meta={self.meta!r})"
+
+    def _derive(self, value: Any) -> Message[Any]:
+        """A sibling carrying another value, sharing this item's ack (one more pending)."""
+        child: Message[Any] = Message.__new__(Message)
+        child.value = value
+        child.meta = self.meta
+        child._born = self._born
+        ack = self._ack
+        if ack is not None:
+            ack.pending += 1
+        child._ack = ack
+        return child
+
+    def _done(self, outcome: Outcome) -> None:
+        ack = self._ack
+        if ack is not None:
+            self._ack = None
+            ack.done(outcome)
+
+
+class _Ack:
+    """Reference-counted acknowledgement shared by every item derived from one source item."""
+
+    __slots__ = ("callback", "counter", "outcome", "pending")
+
+    def __init__(self, callback: AckCallback | None) -> None:
+        self.callback = callback
+        self.counter: Callable[[Outcome], None] | None = None
+        self.pending = 1
+        self.outcome = Outcome(0)
+
+    def done(self, outcome: Outcome) -> None:
+        self.outcome |= outcome
+        self.pending -= 1
+        if self.pending == 0:
+            if self.counter is not None:
+                self.counter(self.outcome)
+            if self.callback is not None:
+                self.callback(self.outcome)
+
+
+class _AckGroup(_Ack):
+    """The ack of a batch: handling the batch handles each member."""
+
+    __slots__ = ("members",)
+
+    def __init__(self, members: list[Message[Any]]) -> None:
+        super().__init__(None)
+        self.members = members
+
+    def done(self, outcome: Outcome) -> None:
+        self.outcome |= outcome
+        self.pending -= 1
+        if self.pending == 0:
+            for member in self.members:
+                member._done(self.outcome)

@@ -1,0 +1,92 @@
+"""What a stage does when its function raises on an item."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["DeadLetter", "ErrorPolicy", "FailedItem", "Retry"]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedItem:
+    """What a dead-letter sink receives: the item, where and why it failed."""
+
+    flow: str
+    stage: str
+    item: Any
+    meta: Any
+    error: BaseException
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Send items that fail to ``sink`` as :class:`FailedItem`, then go on.
+
+    ``sink`` is an async callable or an object with ``async send(item)``; the item is acked as
+    ``Outcome.DEAD_LETTERED`` once the sink returned. If the dead-letter sink itself raises,
+    the flow fails.
+    """
+
+    sink: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Retry a failing item up to ``attempts`` times in all, waiting ``backoff * 2**n`` s.
+
+    When every attempt failed, ``then`` decides: ``"fail"`` (default), ``"skip"`` or a
+    :class:`DeadLetter`. Only exceptions of the types in ``on`` are retried.
+    """
+
+    attempts: int = 3
+    backoff: float = 0.1
+    max_backoff: float = 10.0
+    then: Literal["fail", "skip"] | DeadLetter = "fail"
+    on: tuple[type[BaseException], ...] = field(default=(Exception,))
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"Retry.attempts must be >= 1, got {self.attempts}")
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError("Retry.backoff and max_backoff must be >= 0")
+        if isinstance(self.then, Retry) or (
+            not isinstance(self.then, DeadLetter) and self.then not in ("fail", "skip")
+        ):
+            raise ValueError(
+                f"Retry.then must be 'fail', 'skip' or a DeadLetter, got {self.then!r}"
+            )
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+
+
+ErrorPolicy = Literal["fail", "skip"] | Retry | DeadLetter
+"""``"fail"`` stops the flow; ``"skip"`` logs, counts and goes on; or a Retry / DeadLetter."""
+
+
+def check_policy(policy: object, stage: str) -> None:
+    from ._errors import GraphError
+
+    if policy in ("fail", "skip") or isinstance(policy, Retry | DeadLetter):
+        if isinstance(policy, DeadLetter):
+            _check_sink(policy.sink, stage)
+        if isinstance(policy, Retry) and isinstance(policy.then, DeadLetter):
+            _check_sink(policy.then.sink, stage)
+        return
+    raise GraphError(
+        f"stage {stage!r}: errors must be 'fail', 'skip', sf.Retry(...) or sf.DeadLetter(sink), "
+        f"got {policy!r}"
+    )
+
+
+def _check_sink(sink: object, stage: str) -> None:
+    from ._errors import GraphError
+
+    if not (callable(sink) or callable(getattr(sink, "send", None))):
+        raise GraphError(
+            f"stage {stage!r}: the dead-letter sink must be an async callable or have send(), "
+            f"got {sink!r}"
+        )

@@ -1,0 +1,526 @@
+"""The task behind each stage: receive, call, apply the error policy, emit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from ._calls import Invoker, is_async
+from ._channel import _TIMEOUT, Channel
+from ._errors import ChannelClosed, ChannelFull, StageError, describe_item
+from ._io import _AsyncIter, iterate
+from ._message import Message, Outcome, _Ack, _AckGroup
+from ._metrics import _Counters
+from ._policy import DeadLetter, FailedItem, Retry
+from ._stage import Stage
+
+if TYPE_CHECKING:
+    from ._graph import _Node
+    from ._runtime import RunningFlow
+
+__all__ = ["Runner", "make_runner"]
+
+log = structlog.get_logger("streamflow")
+_perf = time.perf_counter
+_CHECKPOINT = 255  # yield to the loop at least every 256 items a loop handles without waiting
+
+
+class Runner:
+    """Base: one stage's task. Subclasses implement ``_body``."""
+
+    def __init__(self, rt: RunningFlow, node: _Node, inbox: Channel[Message[Any]] | None) -> None:
+        self.rt = rt
+        self.node = node
+        self.name = node.name
+        self.inbox = inbox
+        self.outboxes: list[Channel[Message[Any]]] = []
+        self.out_names: list[str] = []
+        self.c = _Counters()
+
+    async def run(self) -> None:
+        try:
+            await self._body()
+        except StageError as exc:
+            self.rt.fail(exc)
+        except Exception as exc:  # a bug or a failing context manager: still name the stage
+            self.rt.fail(StageError(self.name, None, exc, flow=self.rt.name))
+        finally:
+            for out in self.outboxes:
+                out._writer_done()
+            self.c.stopped = _perf()
+            self.rt.runner_done(self)
+
+    async def _body(self) -> None:
+        raise NotImplementedError
+
+    async def _emit(self, msg: Message[Any]) -> None:
+        outs = self.outboxes
+        try:
+            if len(outs) == 1:
+                await outs[0].send(msg)
+                return
+            copies = [msg._derive(msg.value) for _ in outs[1:]]
+            await outs[0].send(msg)
+            for out, copy in zip(outs[1:], copies, strict=True):
+                await out.send(copy)
+        except ChannelFull as exc:
+            stage = self.out_names[next(i for i, o in enumerate(outs) if len(o) >= o.capacity)]
+            raise StageError(stage, msg.value, exc, flow=self.rt.name, meta=msg.meta) from None
+
+
+class SourceRunner(Runner):
+    """Pulls items from a source, wraps them in envelopes and feeds the graph."""
+
+    def __init__(self, rt: RunningFlow, node: _Node) -> None:
+        super().__init__(rt, node, None)
+        self._stopping = False
+        self._scope: anyio.CancelScope | None = None
+
+    def stop(self) -> None:
+        """Stop pulling. An item already pulled is still sent (nothing taken is lost)."""
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _wrap(self, item: Any) -> Message[Any]:
+        if type(item) is Message:
+            msg = item
+            if msg._ack is None:
+                msg._ack = _Ack(None)
+        else:
+            msg = Message.__new__(Message)
+            msg.value = item
+            msg.meta = None
+            msg._ack = _Ack(None)
+        msg._ack.counter = self.c.count_outcome
+        msg._born = _perf()
+        self.c.items_out += 1
+        return msg
+
+    async def _body(self) -> None:
+        source = self.node.fn
+        async with AsyncExitStack() as stack:
+            if hasattr(source, "__aenter__"):
+                await stack.enter_async_context(source)
+            try:
+                if isinstance(source, iterate) and isinstance(it := aiter(source), _AsyncIter):
+                    await self._pull_sync(it._it)
+                else:
+                    await self._pull(aiter(source))
+            finally:
+                for out in self.outboxes:
+                    out._writer_done()
+                self.outboxes = []
+            # keep the source open until every item has been handled, so it can commit
+            await self.rt.wait_drained()
+
+    async def _pull_sync(self, it: Any) -> None:
+        emit, wrap = self._emit, self._wrap
+        for n, item in enumerate(it, 1):
+            await emit(wrap(item))
+            if self._stopping:
+                return
+            if n & _CHECKPOINT == 0:
+                await asyncio.sleep(0)
+                if self._stopping:
+                    return
+
+    async def _pull(self, it: AsyncIterator[Any]) -> None:
+        emit, wrap = self._emit, self._wrap
+        try:
+            while not self._stopping:
+                with anyio.CancelScope() as scope:
+                    self._scope = scope
+                    try:
+                        item = await it.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        self._scope = None
+                if scope.cancelled_caught:
+                    return
+                await emit(wrap(item))
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+class FunctionRunner(Runner):
+    """map, filter, flat_map and sink: a function per item, with the stage's error policy."""
+
+    def __init__(self, rt: RunningFlow, node: _Node, inbox: Channel[Message[Any]]) -> None:
+        super().__init__(rt, node, inbox)
+        fn = node.fn
+        self.stage: Stage[Any, Any] | None = fn if isinstance(fn, Stage) else None
+        if self.stage is not None:
+            fn = self.stage.process
+        elif node.kind == "sink" and not callable(fn):
+            fn = fn.send
+        device = node.device
+        self.invoke = Invoker(
+            fn,
+            worker=rt.pool.get(device) if device not in (None, "cpu") else None,
+            pool_limiter=anyio.CapacityLimiter(node.concurrency) if device == "cpu" else None,
+            materialize=node.kind == "flat_map",
+        )
+        self.envelope = node.envelope
+        self.produce = {
+            "map": self._produce_map,
+            "filter": self._produce_filter,
+            "flat_map": self._produce_flat,
+            "sink": self._produce_sink,
+        }[node.kind]
+
+    async def _body(self) -> None:
+        async with AsyncExitStack() as stack:
+            await self._open(stack)
+            if self.node.concurrency > 1:
+                await self._run_concurrent()
+            elif self.node.kind == "map" and self.invoke.is_async and not self.envelope:
+                await self._run_map_async()
+            else:
+                await self._run_sequential()
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        """Enter what the stage holds: a Stage's life cycle, a sink's and dead-letter's context."""
+        node = self.node
+        if self.stage is not None:
+            stage = self.stage
+            stage.device = node.device
+            await self._lifecycle(stage.setup, "setup")
+            stack.push_async_callback(self._teardown)
+        if node.kind == "sink" and hasattr(node.fn, "__aenter__"):
+            await stack.enter_async_context(node.fn)
+        policy = node.errors.then if isinstance(node.errors, Retry) else node.errors
+        if isinstance(policy, DeadLetter) and hasattr(policy.sink, "__aenter__"):
+            await stack.enter_async_context(policy.sink)
+
+    async def _lifecycle(self, method: Any, what: str) -> None:
+        device = self.node.device
+        try:
+            if is_async(method):
+                await method()
+            elif device not in (None, "cpu"):
+                await self.rt.pool.get(device).run(method)
+            elif device == "cpu":
+                await anyio.to_thread.run_sync(method)
+            else:
+                method()
+        except Exception as exc:
+            raise StageError(self.name, f"<{what}>", exc, flow=self.rt.name) from None
+
+    async def _teardown(self) -> None:
+        assert self.stage is not None
+        with anyio.CancelScope(shield=True):
+            await self._lifecycle(self.stage.teardown, "teardown")
+
+    # -- loops -------------------------------------------------------------------------
+
+    async def _run_map_async(self) -> None:
+        """The hot path: an async map function, no envelope, one item at a time."""
+        assert self.inbox is not None
+        receive, emit, fn, c = self.inbox.receive, self._emit, self.invoke.fn, self.c
+        record = c.record
+        n = 0
+        while True:
+            try:
+                msg = await receive()
+            except ChannelClosed:
+                return
+            c.items_in += 1
+            t0 = _perf()
+            try:
+                value = await fn(msg.value)
+            except Exception as exc:
+                record(_perf() - t0)
+                ok, value = await self._recover(msg, exc)
+                if not ok:
+                    continue
+            else:
+                record(_perf() - t0)
+            msg.value = value
+            c.items_out += 1
+            await emit(msg)
+            n += 1
+            if n & _CHECKPOINT == 0:
+                await asyncio.sleep(0)
+
+    async def _run_sequential(self) -> None:
+        assert self.inbox is not None
+        receive, emit, produce, c = self.inbox.receive, self._emit, self.produce, self.c
+        n = 0
+        while True:
+            try:
+                msg = await receive()
+            except ChannelClosed:
+                return
+            c.items_in += 1
+            for out in await produce(msg):
+                await emit(out)
+            n += 1
+            if n & _CHECKPOINT == 0:
+                await asyncio.sleep(0)
+
+    async def _run_concurrent(self) -> None:
+        """Up to ``concurrency`` items at once; emit in input order unless ``ordered=False``."""
+        assert self.inbox is not None
+        k, ordered = self.node.concurrency, self.node.ordered
+        loop = asyncio.get_running_loop()
+        results: Channel[asyncio.Future[list[Message[Any]]]] = Channel(k)
+        window = asyncio.Semaphore(k)
+        failure: list[BaseException] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._emit_results, results, window, failure, tg.cancel_scope)
+            async with anyio.create_task_group() as workers:
+                while True:
+                    try:
+                        msg = await self.inbox.receive()
+                    except ChannelClosed:
+                        break
+                    self.c.items_in += 1
+                    await window.acquire()
+                    future: asyncio.Future[list[Message[Any]]] = loop.create_future()
+                    if ordered:
+                        results.send_nowait(future)
+                    workers.start_soon(self._work, msg, future, None if ordered else results)
+            results.close()
+        if failure:
+            raise failure[0]
+
+    async def _work(
+        self,
+        msg: Message[Any],
+        future: asyncio.Future[list[Message[Any]]],
+        done: Channel[asyncio.Future[list[Message[Any]]]] | None,
+    ) -> None:
+        try:
+            future.set_result(await self.produce(msg))
+        except Exception as exc:
+            future.set_exception(exc)
+        if done is not None:
+            done.send_nowait(future)
+
+    async def _emit_results(
+        self,
+        results: Channel[asyncio.Future[list[Message[Any]]]],
+        window: asyncio.Semaphore,
+        failure: list[BaseException],
+        scope: anyio.CancelScope,
+    ) -> None:
+        try:
+            async for future in results:
+                for out in await future:
+                    await self._emit(out)
+                window.release()
+        except Exception as exc:
+            failure.append(exc)
+            scope.cancel()
+
+    # -- per kind ----------------------------------------------------------------------
+
+    async def _call(self, msg: Message[Any]) -> tuple[bool, Any]:
+        t0 = _perf()
+        try:
+            result = await self.invoke(msg if self.envelope else msg.value)
+        except Exception as exc:
+            self.c.record(_perf() - t0)
+            return await self._recover(msg, exc)
+        self.c.record(_perf() - t0)
+        return True, result
+
+    async def _produce_map(self, msg: Message[Any]) -> list[Message[Any]]:
+        ok, value = await self._call(msg)
+        if not ok:
+            return []
+        msg.value = value
+        self.c.items_out += 1
+        return [msg]
+
+    async def _produce_filter(self, msg: Message[Any]) -> list[Message[Any]]:
+        ok, keep = await self._call(msg)
+        if not ok:
+            return []
+        if keep:
+            self.c.items_out += 1
+            return [msg]
+        msg._done(Outcome.FILTERED)
+        return []
+
+    async def _produce_flat(self, msg: Message[Any]) -> list[Message[Any]]:
+        ok, values = await self._call(msg)
+        if not ok:
+            return []
+        if not values:
+            msg._done(Outcome.FILTERED)
+            return []
+        children = [msg._derive(v) for v in values]
+        msg._done(Outcome(0))  # the children hold the ack now
+        self.c.items_out += len(children)
+        return children
+
+    async def _produce_sink(self, msg: Message[Any]) -> list[Message[Any]]:
+        ok, _ = await self._call(msg)
+        if ok:
+            self.c.items_out += 1
+            self.c.record_e2e(_perf() - msg._born)
+            msg._done(Outcome.DELIVERED)
+        return []
+
+    # -- errors ------------------------------------------------------------------------
+
+    async def _recover(self, msg: Message[Any], exc: Exception) -> tuple[bool, Any]:
+        """Apply the error policy: ``(True, value)`` if a retry worked, ``(False, None)`` if
+        the item was skipped or dead-lettered; raise :class:`StageError` to fail the flow."""
+        c = self.c
+        c.errors += 1
+        policy = self.node.errors
+        attempts = 1
+        if isinstance(policy, Retry):
+            while attempts < policy.attempts and isinstance(exc, policy.on):
+                delay = policy.delay(attempts)
+                log.info(
+                    "stage.retry",
+                    flow=self.rt.name,
+                    stage=self.name,
+                    attempt=attempts,
+                    delay_s=delay,
+                    item=describe_item(msg.value),
+                    error=repr(exc),
+                )
+                await anyio.sleep(delay)
+                attempts += 1
+                c.retries += 1
+                t0 = _perf()
+                try:
+                    result = await self.invoke(msg if self.envelope else msg.value)
+                except Exception as again:
+                    c.record(_perf() - t0)
+                    c.errors += 1
+                    exc = again
+                    continue
+                c.record(_perf() - t0)
+                return True, result
+            policy = policy.then
+        if policy == "skip":
+            c.skipped += 1
+            log.warning(
+                "stage.error",
+                flow=self.rt.name,
+                stage=self.name,
+                policy="skip",
+                item=describe_item(msg.value),
+                meta=msg.meta,
+                attempts=attempts,
+                error=repr(exc),
+            )
+            msg._done(Outcome.SKIPPED)
+            return False, None
+        if isinstance(policy, DeadLetter):
+            failed = FailedItem(self.rt.name, self.name, msg.value, msg.meta, exc, attempts)
+            sink = policy.sink
+            await (sink(failed) if callable(sink) else sink.send(failed))
+            log.warning(
+                "stage.error",
+                flow=self.rt.name,
+                stage=self.name,
+                policy="dead_letter",
+                item=describe_item(msg.value),
+                meta=msg.meta,
+                attempts=attempts,
+                error=repr(exc),
+            )
+            msg._done(Outcome.DEAD_LETTERED)
+            return False, None
+        raise StageError(self.name, msg.value, exc, flow=self.rt.name, meta=msg.meta) from exc
+
+
+class BatchRunner(Runner):
+    """Groups items: emit at ``max_size`` items or when the oldest waited ``max_wait`` s."""
+
+    async def _body(self) -> None:
+        assert self.inbox is not None
+        inbox, c = self.inbox, self.c
+        max_size = self.node.options["max_size"]
+        max_wait = self.node.options["max_wait"]
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                first = await inbox.receive()
+            except ChannelClosed:
+                return
+            members = [first]
+            deadline = loop.time() + max_wait
+            while len(members) < max_size:
+                try:
+                    item = await inbox._receive_by(deadline)
+                except ChannelClosed:
+                    break
+                if item is _TIMEOUT:
+                    break
+                members.append(item)
+            c.items_in += len(members)
+            batch: Message[Any] = Message.__new__(Message)
+            batch.value = [m.value for m in members]
+            batch.meta = None
+            batch._ack = _AckGroup(members)
+            batch._born = first._born
+            c.items_out += 1
+            await self._emit(batch)
+
+
+class UnbatchRunner(Runner):
+    """Splits lists into items; restores each item's own envelope when it can."""
+
+    async def _body(self) -> None:
+        assert self.inbox is not None
+        receive, emit, c = self.inbox.receive, self._emit, self.c
+        while True:
+            try:
+                msg = await receive()
+            except ChannelClosed:
+                return
+            c.items_in += 1
+            try:
+                values = list(msg.value)
+            except TypeError as exc:
+                raise StageError(
+                    self.name, msg.value, exc, flow=self.rt.name, meta=msg.meta
+                ) from None
+            group = msg._ack
+            if (
+                isinstance(group, _AckGroup)
+                and group.pending == 1
+                and len(group.members) == len(values)
+            ):
+                outs = group.members
+                for out, value in zip(outs, values, strict=True):
+                    out.value = value
+                msg._ack = None
+            elif not values:
+                msg._done(Outcome.FILTERED)
+                continue
+            else:
+                outs = [msg._derive(v) for v in values]
+                msg._done(Outcome(0))
+            c.items_out += len(outs)
+            for out in outs:
+                await emit(out)
+
+
+def make_runner(rt: RunningFlow, node: _Node, inbox: Channel[Message[Any]] | None) -> Runner:
+    if node.kind == "source":
+        return SourceRunner(rt, node)
+    assert inbox is not None
+    if node.kind == "batch":
+        return BatchRunner(rt, node, inbox)
+    if node.kind == "unbatch":
+        return UnbatchRunner(rt, node, inbox)
+    return FunctionRunner(rt, node, inbox)

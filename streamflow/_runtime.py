@@ -1,0 +1,224 @@
+"""A running flow: wires channels between runners, supervises them, drains and stops."""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from ._channel import Channel
+from ._devices import WorkerPool
+from ._errors import StageError
+from ._message import Message, Outcome
+from ._metrics import StageMetrics
+from ._runners import Runner, SourceRunner, make_runner
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from ._graph import Flow, _Node
+
+__all__ = ["RunningFlow"]
+
+log = structlog.get_logger("streamflow")
+
+
+class RunningFlow:
+    """A started flow (from ``flow.start()``): stop it, wait for it, read its metrics.
+
+    Use it as an async context manager; leaving the block drains the flow.
+    """
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.name = flow.name
+        self.pool = WorkerPool()
+        self._runners: list[Runner] = []
+        self._by_name: dict[str, Runner] = {}
+        self._sources: list[SourceRunner] = []
+        self._inboxes: dict[str, Channel[Message[Any]]] = {}
+        self._failure: StageError | None = None
+        self._pending = 0
+        self._pending_workers = 0
+        self._finished = anyio.Event()
+        self._drained = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._started_at = 0.0
+        self._stop_reason = "completed"
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> RunningFlow:
+        flow = self.flow
+        if flow._running:
+            raise RuntimeError(f"flow {self.name!r} is already running")
+        flow._running = True
+        try:
+            self._wire(list(flow._nodes.values()))
+        except BaseException:
+            flow._running = False
+            raise
+        self._started_at = time.perf_counter()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        for runner in self._runners:
+            self._tg.start_soon(runner.run, name=f"streamflow:{self.name}:{runner.name}")
+        log.info("flow.start", flow=self.name, stages=[r.name for r in self._runners])
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._tg is not None
+        tg = self._tg
+        if exc_type is None:
+            try:
+                await self.stop(drain=True)
+            except BaseException as caught:  # cancelled: a stage failed or our caller was
+                exc_type, exc, tb = type(caught), caught, caught.__traceback__
+        swallowed = False
+        try:
+            if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                # an error in the user's block: stop without draining, re-raise it unchanged
+                self._stop_reason = "error"
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+            else:
+                swallowed = bool(await tg.__aexit__(exc_type, exc, tb))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.pool.aclose()
+            self._finish()
+        if self._failure is not None:
+            raise self._failure
+        if exc is None:
+            return False
+        if swallowed:
+            return True
+        raise exc.with_traceback(tb)
+
+    def _finish(self) -> None:
+        self.flow._last_metrics = self.metrics()
+        self.flow._running = False
+        if self._failure is not None:
+            self._stop_reason = "failed"
+        elif self._stop_reason == "completed" and not self._finished.is_set():
+            self._stop_reason = "cancelled"
+        totals = {
+            name: m.items_out for name, m in self.flow._last_metrics.items() if m.kind == "sink"
+        }
+        log.info(
+            "flow.stop",
+            flow=self.name,
+            reason=self._stop_reason,
+            duration_s=round(time.perf_counter() - self._started_at, 6),
+            delivered=totals,
+            error=None if self._failure is None else str(self._failure),
+        )
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop the flow and wait until it has stopped.
+
+        ``drain=True``: sources stop pulling, every item already taken reaches the sinks (and
+        is acked), then stages tear down. ``drain=False``: cancel at once; items in flight are
+        not acked, so at-least-once sources deliver them again.
+        """
+        if self._stop_reason == "completed" and not self._finished.is_set():
+            self._stop_reason = "stopped" if drain else "cancelled"
+        for source in self._sources:
+            source.stop()
+        if not drain and self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        await self._finished.wait()
+
+    async def wait(self) -> None:
+        """Wait until every source is exhausted and every item has been handled."""
+        await self._finished.wait()
+
+    def metrics(self) -> dict[str, StageMetrics]:
+        """Per-stage counters, queue depth, busy fraction and latency, by stage name."""
+        result = {}
+        for runner in self._runners:
+            inbox = runner.inbox
+            depth, capacity = (len(inbox), inbox.capacity) if inbox is not None else (0, 0)
+            result[runner.name] = runner.c.snapshot(runner.name, runner.node.kind, depth, capacity)
+        return result
+
+    # -- called by runners -------------------------------------------------------------
+
+    def fail(self, error: StageError) -> None:
+        """Record the first stage failure and cancel the whole flow."""
+        if self._failure is None:
+            self._failure = error
+            log.error(
+                "stage.error",
+                flow=self.name,
+                stage=error.stage,
+                policy="fail",
+                item=error.item,
+                meta=error.meta,
+                error=repr(error.cause),
+            )
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    def runner_done(self, runner: Runner) -> None:
+        self._pending -= 1
+        if not isinstance(runner, SourceRunner):
+            self._pending_workers -= 1
+            if self._pending_workers == 0:
+                self._drained.set()
+        if self._pending == 0:
+            self._finished.set()
+
+    async def wait_drained(self) -> None:
+        await self._drained.wait()
+
+    # -- wiring ------------------------------------------------------------------------
+
+    def _wire(self, nodes: list[_Node]) -> None:
+        for node in nodes:
+            if node.kind in ("source", "merge"):
+                continue
+            self._inboxes[node.name] = Channel(
+                node.capacity, node.overflow, on_drop=self._dropper(node.name)
+            )
+        for node in nodes:
+            if node.kind == "merge":
+                continue
+            runner = make_runner(self, node, self._inboxes.get(node.name))
+            for consumer in _expand(node.consumers):
+                inbox = self._inboxes[consumer.name]
+                inbox._add_writer()
+                runner.outboxes.append(inbox)
+                runner.out_names.append(consumer.name)
+            self._runners.append(runner)
+            if isinstance(runner, SourceRunner):
+                self._sources.append(runner)
+        self._by_name = {runner.name: runner for runner in self._runners}
+        self._pending = len(self._runners)
+        self._pending_workers = len(self._runners) - len(self._sources)
+
+    def _dropper(self, stage: str) -> Any:
+        def dropped(msg: Message[Any]) -> None:
+            self._by_name[stage].c.dropped += 1
+            msg._done(Outcome.DROPPED)
+
+        return dropped
+
+
+def _expand(consumers: list[_Node]) -> list[_Node]:
+    """Consumers with merge junctions replaced by what reads them."""
+    out: list[_Node] = []
+    for node in consumers:
+        if node.kind == "merge":
+            out.extend(_expand(node.consumers))
+        else:
+            out.append(node)
+    return out

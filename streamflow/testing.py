@@ -1,0 +1,103 @@
+"""Helpers for testing flows: an acking in-memory source, a recording sink, fault injection.
+
+These ship with the package so users can test their own flows the way we test ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+from ._message import Message, Outcome
+
+__all__ = ["Flaky", "MemorySink", "MemorySource"]
+
+T = TypeVar("T")
+
+
+class MemorySource(Generic[T]):
+    """A source over ``items`` that records how each item was acknowledged, the way a broker
+    connector would: ``acked[offset]`` is the :class:`~streamflow.Outcome` of item ``offset``.
+
+    ``taken`` counts the items the flow has pulled. With ``forever=True`` the items repeat
+    until the flow stops the source.
+    """
+
+    def __init__(self, items: Iterable[T], *, forever: bool = False, delay: float = 0.0) -> None:
+        self.items = list(items)
+        self.forever = forever
+        self.delay = delay
+        self.taken = 0
+        self.acked: dict[int, Outcome] = {}
+        self.ack_calls = 0
+
+    def __aiter__(self) -> AsyncIterator[Message[T]]:
+        return self._generate()
+
+    async def _generate(self) -> AsyncIterator[Message[T]]:
+        offset = 0
+        while True:
+            for item in self.items:
+                if self.delay:
+                    await anyio.sleep(self.delay)
+                self.taken += 1
+                yield Message(item, meta={"offset": offset}, on_ack=self._acker(offset))
+                offset += 1
+            if not self.forever:
+                return
+
+    def _acker(self, offset: int) -> Callable[[Outcome], None]:
+        def ack(outcome: Outcome) -> None:
+            self.ack_calls += 1
+            self.acked[offset] = outcome
+
+        return ack
+
+    @property
+    def unacked(self) -> list[int]:
+        """Offsets taken by the flow and not acknowledged yet."""
+        return [o for o in range(self.taken) if o not in self.acked]
+
+
+class MemorySink(Generic[T]):
+    """A sink that records every item; ``delay`` makes it slow, ``fail_on`` makes it raise."""
+
+    def __init__(self, *, delay: float = 0.0, fail_on: Callable[[T], bool] | None = None) -> None:
+        self.items: list[T] = []
+        self.delay = delay
+        self.fail_on = fail_on
+
+    async def send(self, item: T) -> None:
+        if self.delay:
+            await anyio.sleep(self.delay)
+        if self.fail_on is not None and self.fail_on(item):
+            raise ValueError(f"MemorySink refused {item!r}")
+        self.items.append(item)
+
+
+class Flaky(Generic[T]):
+    """Wrap a function so that it raises ``error`` the first ``failures`` times it sees each
+    item (items are told apart by ``key``, default the item itself)."""
+
+    def __init__(
+        self,
+        fn: Callable[[T], Any],
+        failures: int,
+        *,
+        error: type[Exception] = RuntimeError,
+        key: Callable[[T], Any] = lambda item: item,
+    ) -> None:
+        self.fn = fn
+        self.failures = failures
+        self.error = error
+        self.key = key
+        self.calls: dict[Any, int] = {}
+
+    def __call__(self, item: T) -> Any:
+        k = self.key(item)
+        n = self.calls[k] = self.calls.get(k, 0) + 1
+        if n <= self.failures:
+            raise self.error(f"injected failure {n} of {self.failures} for {item!r}")
+        return self.fn(item)

@@ -1,0 +1,168 @@
+"""Error policies: fail names the stage and item; skip, retry and dead-letter lose nothing else."""
+
+import pytest
+from structlog.testing import capture_logs
+
+import streamflow as sf
+import streamflow.testing
+from streamflow.testing import Flaky, MemorySource
+
+pytestmark = pytest.mark.asyncio
+
+
+def _reject_7(x: int) -> int:
+    if x == 7:
+        raise ValueError("seven is bad")
+    return x
+
+
+def _reject_1(x: int) -> int:
+    if x == 1:
+        raise RuntimeError("one")
+    return x
+
+
+async def test_fail_stops_the_flow_and_names_stage_and_item() -> None:
+    flow = sf.Flow("f")
+    flow.source("n", range(100)).map("check", _reject_7).sink("o", sf.collect())
+    with capture_logs() as logs, pytest.raises(sf.StageError) as info:
+        await flow.run()
+    err = info.value
+    assert (err.flow, err.stage, err.item) == ("f", "check", "7")
+    assert isinstance(err.cause, ValueError)
+    assert "stage 'check' of flow 'f' failed on item 7: ValueError: seven is bad" in str(err)
+    assert any(e["event"] == "stage.error" and e["stage"] == "check" for e in logs)
+    assert next(e for e in logs if e["event"] == "flow.stop")["reason"] == "failed"
+
+
+async def test_error_names_the_source_metadata() -> None:
+    flow = sf.Flow("f")
+    flow.source("s", MemorySource(range(10))).map("check", _reject_7).sink("o", sf.collect())
+    with pytest.raises(sf.StageError, match=r"meta \{'offset': 7\}"):
+        await flow.run()
+
+
+async def test_skip_counts_logs_and_goes_on() -> None:
+    out: list[int] = []
+    source = MemorySource(range(20))
+    flow = sf.Flow("f")
+    flow.source("s", source).map("check", _reject_7, errors="skip").sink("o", sf.collect(out))
+    with capture_logs() as logs:
+        await flow.run()
+    assert out == [x for x in range(20) if x != 7]
+    m = flow.metrics()["check"]
+    assert (m.errors, m.skipped, m.items_in, m.items_out) == (1, 1, 20, 19)
+    assert source.acked[7] == sf.Outcome.SKIPPED
+    assert all(source.acked[i] == sf.Outcome.DELIVERED for i in range(20) if i != 7)
+    warning = next(e for e in logs if e["event"] == "stage.error")
+    assert warning["log_level"] == "warning" and warning["item"] == "7"
+
+
+async def test_retry_recovers_with_backoff() -> None:
+    out: list[int] = []
+    flaky = Flaky(lambda x: x * 10, failures=2)
+    flow = sf.Flow("f")
+    flow.source("n", range(5)).map("flaky", flaky, errors=sf.Retry(attempts=3, backoff=0.001)).sink(
+        "o", sf.collect(out)
+    )
+    await flow.run()
+    assert out == [0, 10, 20, 30, 40]
+    m = flow.metrics()["flaky"]
+    assert (m.errors, m.retries, m.skipped) == (10, 10, 0)
+
+
+async def test_retry_exhausted_then_fail_or_skip() -> None:
+    flow = sf.Flow("f")
+    flow.source("n", range(3)).map(
+        "flaky", Flaky(abs, failures=5), errors=sf.Retry(attempts=2, backoff=0)
+    ).sink("o", sf.collect())
+    with pytest.raises(sf.StageError, match="injected failure 2 of 5"):
+        await flow.run()
+
+    out: list[int] = []
+    flow = sf.Flow("g")
+    flow.source("n", range(3)).map(
+        "one", _reject_1, errors=sf.Retry(attempts=2, backoff=0, then="skip")
+    ).sink("o", sf.collect(out))
+    await flow.run()
+    assert out == [0, 2]
+    assert flow.metrics()["one"].errors == 2
+
+
+async def test_retry_only_listed_exceptions() -> None:
+    flow = sf.Flow("f")
+    flow.source("n", range(3)).map(
+        "flaky", Flaky(abs, failures=1, error=KeyError), errors=sf.Retry(5, 0, on=(OSError,))
+    ).sink("o", sf.collect())
+    with pytest.raises(sf.StageError) as info:
+        await flow.run()
+    assert flow.metrics()["flaky"].retries == 0
+    assert isinstance(info.value.cause, KeyError)
+
+
+async def test_dead_letter_gets_item_and_reason() -> None:
+    dead: list[sf.FailedItem] = []
+    out: list[int] = []
+    source = MemorySource(range(10))
+    flow = sf.Flow("f")
+    flow.source("s", source).map("check", _reject_7, errors=sf.DeadLetter(sf.collect(dead))).sink(
+        "o", sf.collect(out)
+    )
+    await flow.run()
+    assert out == [x for x in range(10) if x != 7]
+    assert len(dead) == 1
+    failed = dead[0]
+    assert (failed.stage, failed.item, failed.meta, failed.attempts) == (
+        "check",
+        7,
+        {"offset": 7},
+        1,
+    )
+    assert isinstance(failed.error, ValueError)
+    assert source.acked[7] == sf.Outcome.DEAD_LETTERED
+
+
+async def test_failing_sink_follows_its_policy() -> None:
+    sink = sf.testing.MemorySink(fail_on=lambda x: x % 4 == 0)
+    flow = sf.Flow("f")
+    flow.source("n", range(12)).sink("o", sink, errors="skip")
+    await flow.run()
+    assert sink.items == [x for x in range(12) if x % 4]
+    assert flow.metrics()["o"].skipped == 3
+
+
+async def test_setup_failure_names_the_stage() -> None:
+    class Broken(sf.Stage[int, int]):
+        async def setup(self) -> None:
+            raise OSError("no model file")
+
+        async def process(self, item: int) -> int:
+            return item
+
+    flow = sf.Flow("f")
+    flow.source("n", range(3)).map("model", Broken()).sink("o", sf.collect())
+    with pytest.raises(sf.StageError, match="stage 'model' .* item '<setup>': OSError: no model"):
+        await flow.run()
+
+
+async def test_overflow_error_fails_naming_the_full_stage() -> None:
+    import asyncio
+
+    async def slow(x: int) -> int:
+        await asyncio.sleep(0.01)
+        return x
+
+    flow = sf.Flow("f")
+    flow.source("n", range(100)).map("slow", slow, capacity=2, overflow="error").sink(
+        "o", sf.collect()
+    )
+    with pytest.raises(sf.StageError, match="stage 'slow' .*ChannelFull"):
+        await flow.run()
+
+
+async def test_error_in_the_users_block_propagates_unchanged() -> None:
+    flow = sf.Flow("f")
+    flow.source("n", MemorySource(range(3), forever=True)).sink("o", sf.collect())
+    with pytest.raises(ZeroDivisionError):
+        async with flow.start():
+            1 / 0  # noqa: B018
