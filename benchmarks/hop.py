@@ -42,9 +42,7 @@ async def run_queue_chain(n: int) -> int:
         while (item := await queues[-1].get()) is not None:
             total += item
 
-    await asyncio.gather(
-        source(), *(stage(queues[i], queues[i + 1]) for i in range(HOPS)), sink()
-    )
+    await asyncio.gather(source(), *(stage(queues[i], queues[i + 1]) for i in range(HOPS)), sink())
     return total
 
 
@@ -91,8 +89,11 @@ async def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     sf.configure_logging(level="warning")
-    runs = {"asyncio.Queue(16)": run_queue_chain, "aiostream pipe.map": run_aiostream,
-            "streamflow": run_streamflow}
+    runs = {
+        "asyncio.Queue(16)": run_queue_chain,
+        "aiostream pipe.map": run_aiostream,
+        "streamflow": run_streamflow,
+    }
     times: dict[str, list[float]] = {name: [] for name in runs}
     await timed(run_streamflow, 10_000)  # warm up imports and caches
     for _ in range(args.repeats):  # interleaved, so drift hits every contender alike
@@ -100,10 +101,16 @@ async def main() -> None:
             times[name].append(await timed(run, args.items))
     per_hop = {name: median(t) / args.items / (HOPS + 1) * 1e6 for name, t in times.items()}
     base = per_hop["asyncio.Queue(16)"]
-    print(f"{args.items:,} items, {HOPS} map stages ({HOPS + 1} channel hops), "
-          f"median of {args.repeats}")
-    print(table(["chain", "us/item/hop", "x asyncio.Queue"],
-                [(name, us, us / base) for name, us in per_hop.items()]))
+    print(
+        f"{args.items:,} items, {HOPS} map stages ({HOPS + 1} channel hops), "
+        f"median of {args.repeats}"
+    )
+    print(
+        table(
+            ["chain", "us/item/hop", "x asyncio.Queue"],
+            [(name, us, us / base) for name, us in per_hop.items()],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ A :class:`Flow` is a graph of named stages joined by bounded channels with backp
     await flow.run()
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from ._channel import Channel as Channel
 from ._channel import ChannelStatistics as ChannelStatistics
 from ._channel import Overflow as Overflow
@@ -34,7 +36,23 @@ from ._policy import Retry as Retry
 from ._runtime import RunningFlow as RunningFlow
 from ._stage import Stage as Stage
 
+if _TYPE_CHECKING:
+    from .parallel import Pipeline as Pipeline
+    from .parallel import pipeline as pipeline
+
 __version__ = "0.1.0"
+
+# Names that need torch, imported on first use so that `import streamflow` stays light.
+_LAZY = {"pipeline": "streamflow.parallel", "Pipeline": "streamflow.parallel"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'streamflow' has no attribute {name!r}")
+
 
 __all__ = [
     "AckCallback",
@@ -51,6 +69,7 @@ __all__ = [
     "Message",
     "Outcome",
     "Overflow",
+    "Pipeline",
     "Retry",
     "RunningFlow",
     "Sink",
@@ -63,4 +82,5 @@ __all__ = [
     "configure_logging",
     "iterate",
     "merge",
+    "pipeline",
 ]

@@ -64,6 +64,19 @@ class Worker:
         self._jobs.put((fn, args, future, loop))
         return await future
 
+    def submit(
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        done: Callable[[Any, BaseException | None], None],
+    ) -> None:
+        """Run ``fn(*args)`` on this worker's thread, then ``done(result, error)`` on that same
+        thread. For thread-to-thread hand-offs that must not go through the event loop."""
+        if self._closed:
+            raise RuntimeError(f"worker {self.name!r} is closed")
+        self.start()
+        self._jobs.put((fn, args, done, None))
+
     async def aclose(self) -> None:
         """Finish the queued jobs, stop the thread and wait for it (shielded from cancel)."""
         if self._closed:
@@ -86,6 +99,14 @@ class Worker:
             if fn is _STOP:
                 loop.call_soon_threadsafe(_resolve, future, None, None)
                 return
+            if loop is None:  # submit(): the callback runs here, on this thread
+                try:
+                    result, error = fn(*args), None
+                except BaseException as exc:
+                    result, error = None, exc
+                future(result, error)
+                del fn, args, future, result, error
+                continue
             if future.cancelled():
                 continue
             try:

@@ -223,7 +223,17 @@ class Stream(Generic[T]):
         errors: ErrorPolicy = "fail",
         envelope: bool = False,
     ) -> Stream[Any]:
-        """Apply ``fn`` (``def``, ``async def`` or a :class:`~streamflow.Stage`) to each item."""
+        """Apply ``fn`` (``def``, ``async def`` or a :class:`~streamflow.Stage`) to each item.
+
+        ``fn`` may also be a composite such as a :func:`~streamflow.pipeline`: it then adds
+        its own stages, named ``name[0]``, ``name[1]``, ... (``device`` is theirs to choose).
+        """
+        expand = getattr(fn, "__streamflow_expand__", None)
+        if expand is not None:
+            _check_options(name, "sink", None, capacity, overflow, None, concurrency, errors)
+            return expand(  # type: ignore[no-any-return]
+                self, name, capacity=capacity, overflow=overflow, errors=errors
+            )
         return self._then(
             name, "map", fn, capacity, overflow, device, concurrency, ordered, errors, envelope
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
@@ -182,7 +184,9 @@ class FunctionRunner(Runner):
     async def _body(self) -> None:
         async with AsyncExitStack() as stack:
             await self._open(stack)
-            if self.node.concurrency > 1:
+            if self.node.concurrency > 1 and self._windowed():
+                await self._run_windowed()
+            elif self.node.concurrency > 1:
                 await self._run_concurrent()
             elif self.node.kind == "map" and self.invoke.is_async and not self.envelope:
                 await self._run_map_async()
@@ -268,6 +272,56 @@ class FunctionRunner(Runner):
             n += 1
             if n & _CHECKPOINT == 0:
                 await asyncio.sleep(0)
+
+    def _windowed(self) -> bool:
+        """A plain function on the loop that starts work and returns a future: no task per
+        item is needed to keep ``concurrency`` items in flight."""
+        node = self.node
+        return (
+            node.kind == "map"
+            and node.ordered
+            and node.device is None
+            and not self.invoke.is_async
+            and not self.envelope
+        )
+
+    async def _run_windowed(self) -> None:
+        """Call ``fn`` for up to ``concurrency`` items ahead, await the results in order."""
+        assert self.inbox is not None
+        inbox, fn, c, k = self.inbox, self.invoke.fn, self.c, self.node.concurrency
+        window: deque[tuple[Message[Any], Any, float]] = deque()
+        closed = False
+        while True:
+            while not closed and len(window) < k and (not window or len(inbox)):
+                try:
+                    msg = await inbox.receive()
+                except ChannelClosed:
+                    closed = True
+                    break
+                c.items_in += 1
+                t0 = _perf()
+                try:
+                    pending: Any = fn(msg.value)
+                except Exception as exc:
+                    pending = _Raised(exc)
+                window.append((msg, pending, t0))
+            if not window:
+                return
+            msg, pending, t0 = window.popleft()
+            try:
+                if isinstance(pending, _Raised):
+                    raise pending.error
+                value = await pending if inspect.isawaitable(pending) else pending
+            except Exception as exc:
+                c.record(_perf() - t0)
+                ok, value = await self._recover(msg, exc)
+                if not ok:
+                    continue
+            else:
+                c.record(_perf() - t0)
+            msg.value = value
+            c.items_out += 1
+            await self._emit(msg)
 
     async def _run_concurrent(self) -> None:
         """Up to ``concurrency`` items at once; emit in input order unless ``ordered=False``."""
@@ -440,6 +494,13 @@ class FunctionRunner(Runner):
             msg._done(Outcome.DEAD_LETTERED)
             return False, None
         raise StageError(self.name, msg.value, exc, flow=self.rt.name, meta=msg.meta) from exc
+
+
+class _Raised:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 class BatchRunner(Runner):

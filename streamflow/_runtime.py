@@ -15,6 +15,7 @@ from ._errors import StageError
 from ._message import Message, Outcome
 from ._metrics import StageMetrics
 from ._runners import Runner, SourceRunner, make_runner
+from ._stage import Stage
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -82,6 +83,8 @@ class RunningFlow:
                 await self.stop(drain=True)
             except BaseException as caught:  # cancelled: a stage failed or our caller was
                 exc_type, exc, tb = type(caught), caught, caught.__traceback__
+        if isinstance(exc, anyio.get_cancelled_exc_class()) and self._failure is None:
+            self._stop_reason = "cancelled"
         swallowed = False
         try:
             if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -148,6 +151,9 @@ class RunningFlow:
             inbox = runner.inbox
             depth, capacity = (len(inbox), inbox.capacity) if inbox is not None else (0, 0)
             result[runner.name] = runner.c.snapshot(runner.name, runner.node.kind, depth, capacity)
+            stage = runner.node.fn
+            if isinstance(stage, Stage):
+                result.update(stage.sub_metrics())
         return result
 
     # -- called by runners -------------------------------------------------------------

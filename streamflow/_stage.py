@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from ._metrics import StageMetrics
 
 __all__ = ["Stage"]
 
@@ -33,3 +37,8 @@ class Stage(Generic[In, Out]):
     def teardown(self) -> Any:
         """Release what ``setup`` took. Called after the last item, even on failure."""
         return None
+
+    def sub_metrics(self) -> Mapping[str, StageMetrics]:
+        """Metrics of parts this stage runs itself (a pipelined model's parts), by name;
+        they appear in the flow's metrics next to the stage."""
+        return {}

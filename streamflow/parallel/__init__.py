@@ -10,6 +10,7 @@ Typical use::
 
 from ._costs import HandoffModel, LayerProfile, Profile
 from ._layers import named_layers, split_layers
+from ._pipeline import Pipeline, PipelineError, PipelinePart, pipeline
 from ._plan import Objective, Plan, StagePlan, plan
 from ._profile import profile
 
@@ -17,10 +18,14 @@ __all__ = [
     "HandoffModel",
     "LayerProfile",
     "Objective",
+    "Pipeline",
+    "PipelineError",
+    "PipelinePart",
     "Plan",
     "Profile",
     "StagePlan",
     "named_layers",
+    "pipeline",
     "plan",
     "profile",
     "split_layers",

@@ -36,5 +36,7 @@ async def test_aiostream_operators_inside_a_stage_keep_acks() -> None:
 
 def test_core_does_not_import_aiostream() -> None:
     code = "import sys, streamflow; print('aiostream' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False"

@@ -1,0 +1,214 @@
+"""Pipelined inference on two CPU workers against sequential PyTorch and hand-written threads.
+
+Streams single samples (batch 1) and prints, in one run, throughput, latency p50/p99 and
+ratios for: (a) best sequential (1 or 2 intra-op threads), (b) a hand-written two-thread
+queue.Queue pipeline, (c) the parallel bound (each half alone in its own thread on ready
+inputs, both at once, no handoff), (d) streamflow on ["cpu:0", "cpu:1"] with the auto plan.
+Models: MLP width 1024 x 8 layers, MLP width 256 x 8 layers, a small CNN on 64x64 images.
+Run: .venv/bin/python benchmarks/pipeline_inference.py [--samples N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from _common import table
+from torch import nn
+
+import streamflow as sf
+
+
+def mlp(width: int) -> nn.Sequential:
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(8)])
+
+
+def cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+class Result:
+    def __init__(self, name: str, seconds: float, n: int, latencies: Sequence[float]) -> None:
+        self.name, self.throughput = name, n / seconds
+        ordered = sorted(latencies)
+        self.p50 = ordered[len(ordered) // 2] if ordered else float("nan")
+        self.p99 = ordered[int(0.99 * (len(ordered) - 1))] if ordered else float("nan")
+
+
+def sequential(model: nn.Module, frames: list[torch.Tensor], threads: int) -> Result:
+    torch.set_num_threads(threads)
+    lat = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for x in frames:
+            s = time.perf_counter()
+            model(x)
+            lat.append(time.perf_counter() - s)
+        elapsed = time.perf_counter() - t0
+    torch.set_num_threads(2)
+    return Result(f"(a) sequential, {threads} thread(s)", elapsed, len(frames), lat)
+
+
+def _halves(model: nn.Sequential, cut: int) -> tuple[nn.Module, nn.Module]:
+    layers = list(sf.parallel.split_layers(model))
+    return nn.Sequential(*layers[:cut]), nn.Sequential(*layers[cut:])
+
+
+def queue_pipeline(first: nn.Module, second: nn.Module, frames: list[torch.Tensor]) -> Result:
+    q1: queue.Queue[Any] = queue.Queue(maxsize=2)
+    born: list[float] = []
+    lat: list[float] = []
+
+    def stage(module: nn.Module, q_in: Callable[[], Any], q_out: Callable[[Any], None]) -> None:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            while (item := q_in()) is not None:
+                i, x = item
+                q_out((i, module(x)))
+            q_out(None)
+
+    results: list[Any] = []
+
+    def collect(item: Any) -> None:
+        if item is not None:
+            lat.append(time.perf_counter() - born[item[0]])
+            results.append(item)
+
+    feed: queue.Queue[Any] = queue.Queue(maxsize=2)
+    a = threading.Thread(target=stage, args=(first, feed.get, q1.put))
+    b = threading.Thread(target=stage, args=(second, q1.get, collect))
+    t0 = time.perf_counter()
+    a.start()
+    b.start()
+    for i, x in enumerate(frames):
+        born.append(time.perf_counter())
+        feed.put((i, x))
+    feed.put(None)
+    a.join()
+    b.join()
+    elapsed = time.perf_counter() - t0
+    assert len(results) == len(frames)
+    return Result("(b) queue.Queue threads", elapsed, len(frames), lat)
+
+
+def parallel_bound(first: nn.Module, second: nn.Module, frames: list[torch.Tensor]) -> Result:
+    with torch.inference_mode():
+        mids = [first(x) for x in frames]
+    times: dict[str, float] = {}
+    barrier = threading.Barrier(2)
+
+    def alone(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> None:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            barrier.wait()
+            t0 = time.perf_counter()
+            for x in inputs:
+                module(x)
+            times[name] = time.perf_counter() - t0
+
+    threads = [
+        threading.Thread(target=alone, args=("a", first, frames)),
+        threading.Thread(target=alone, args=("b", second, mids)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return Result("(c) parallel bound", max(times.values()), len(frames), [])
+
+
+async def streamflow_run(pipe: Any, frames: list[torch.Tensor]) -> tuple[Result, list[Any]]:
+    outputs: list[torch.Tensor] = []
+    flow = sf.Flow("infer")
+    flow.source("frames", sf.iterate(frames)).map("model", pipe).sink("out", sf.collect(outputs))
+    t0 = time.perf_counter()
+    await flow.run()
+    elapsed = time.perf_counter() - t0
+    m = flow.metrics()["out"]
+    res = Result("(d) streamflow cpu:0,cpu:1", elapsed, len(frames), [])
+    res.p50, res.p99 = m.end_to_end_p50_s or 0.0, m.end_to_end_p99_s or 0.0
+    return res, outputs
+
+
+def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int) -> None:
+    model.eval()
+    frames = [torch.randn_like(example) for _ in range(n)]
+    pipe = sf.pipeline(model, devices=["cpu:0", "cpu:1"], example=example)
+    cut = (
+        pipe.plan.partition[0]
+        if len(pipe.plan.stages) > 1
+        else len(sf.parallel.split_layers(model)) // 2
+    )
+    first, second = _halves(model, cut)
+    seq = max((sequential(model, frames, t) for t in (1, 2)), key=lambda r: r.throughput)
+    qp = queue_pipeline(first, second, frames)
+    bound = parallel_bound(first, second, frames)
+    sfr, outputs = asyncio.run(streamflow_run(pipe, frames))
+    with torch.inference_mode():
+        assert all(
+            torch.allclose(model(x), y, atol=1e-5)
+            for x, y in zip(frames[:50], outputs[:50], strict=True)
+        )
+    print(
+        f"\n## {title}: {n} samples, plan {pipe.plan.partition} on "
+        f"{pipe.plan.devices}, predicted {pipe.plan.predicted_throughput:,.0f}/s"
+    )
+    rows = [
+        (
+            r.name,
+            r.throughput,
+            r.p50 * 1e3,
+            r.p99 * 1e3,
+            r.throughput / seq.throughput,
+            r.throughput / bound.throughput,
+        )
+        for r in (seq, qp, bound, sfr)
+    ]
+    print(table(["contender", "samples/s", "p50 ms", "p99 ms", "x seq", "x bound"], rows))
+    print(
+        f"streamflow / queue.Queue: {sfr.throughput / qp.throughput:.2f}x; "
+        f"predicted / measured: {pipe.plan.predicted_throughput / sfr.throughput:.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--only", choices=["mlp1024", "mlp256", "cnn"], default=None)
+    args = parser.parse_args()
+    sf.configure_logging(level="warning")
+    torch.manual_seed(0)
+    cases = {
+        "mlp1024": ("MLP 8 x 1024", mlp(1024), torch.randn(1, 1024)),
+        "mlp256": ("MLP 8 x 256", mlp(256), torch.randn(1, 256)),
+        "cnn": ("CNN 64x64", cnn(), torch.randn(1, 3, 64, 64)),
+    }
+    for key, (title, model, example) in cases.items():
+        if args.only in (None, key):
+            bench(title, model, example, args.samples)
+
+
+if __name__ == "__main__":
+    main()

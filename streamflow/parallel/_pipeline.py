@@ -1,0 +1,347 @@
+"""A model split layer-wise into stages pinned to devices, usable as one flow stage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from .._channel import Channel
+from .._devices import Worker
+from .._errors import ChannelClosed
+from .._graph import Flow
+from .._io import iterate
+from .._metrics import StageMetrics, _Counters
+from .._stage import Stage
+from ._layers import named_layers
+from ._plan import Objective, Plan, plan
+from ._profile import profile
+
+if TYPE_CHECKING:
+    from .._channel import Overflow
+    from .._graph import Stream
+    from .._policy import ErrorPolicy
+
+__all__ = ["Pipeline", "pipeline"]
+
+
+def pipeline(
+    model: nn.Module | Sequence[nn.Module],
+    devices: Sequence[str] | Literal["auto"] = "auto",
+    example: torch.Tensor | None = None,
+    *,
+    partition: Literal["auto"] | Sequence[int] | Plan = "auto",
+    objective: Objective = "throughput",
+    capacity: int = 4,
+    cuda_graphs: bool = False,
+) -> Pipeline:
+    """Split ``model`` layer-wise over ``devices`` for pipelined inference over a stream.
+
+    ``model``: an ``nn.Sequential`` (nested ones flattened), a list of modules, or a module
+    that ``torch.fx`` can trace. ``partition="auto"`` profiles each layer on ``example`` (a
+    batch like the ones the stream carries) and plans the cut points (see
+    :func:`streamflow.parallel.plan`; it may use fewer stages than devices); a list gives the
+    layers per stage; a :class:`Plan` is used as it is. ``capacity`` is how many samples may
+    wait per part (at most ``capacity`` x parts are in flight). ``cuda_graphs=True`` captures
+    each CUDA part's forward once per input shape and replays it. Use the result as
+    ``stream.map("model", pipe)`` or ``pipe.stream(items)``.
+    """
+    devs = _resolve_devices(devices)
+    layers = named_layers(model, example)
+    if isinstance(partition, Plan):
+        chosen = partition
+        if chosen.stages[-1].layer_end != len(layers):
+            raise ValueError(
+                f"the plan covers {chosen.stages[-1].layer_end} layers, the model has {len(layers)}"
+            )
+    else:
+        if example is None:
+            raise ValueError(
+                "pipeline() needs example= (one input batch) to profile the layers; "
+                "or pass partition=Plan.load(...)"
+            )
+        prof = profile([m for _, m in layers], example, devs)
+        if partition == "auto":
+            chosen = plan(prof, devs, objective)
+        else:
+            chosen = plan(prof, devs, objective, partition=list(partition))
+    return Pipeline([m for _, m in layers], chosen, capacity=capacity, cuda_graphs=cuda_graphs)
+
+
+def _resolve_devices(devices: Sequence[str] | Literal["auto"]) -> list[str]:
+    if devices == "auto":
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return [f"cpu:{i}" for i in range(min(2, os.cpu_count() or 1))]
+    if isinstance(devices, str):
+        raise TypeError(
+            f"devices must be 'auto' or a list such as ['cpu:0', 'cpu:1'], got {devices!r}"
+        )
+    return list(devices)
+
+
+class Pipeline:
+    """A model cut into parts by a :class:`Plan`; each part runs on its own device thread.
+
+    As a flow stage (``stream.map("model", pipe)``) each sample enters the first part as soon
+    as it arrives and the parts work on different samples at the same time; a sample moves
+    from one part's thread to the next directly, never through the event loop. Outputs keep
+    input order; at most ``in_flight`` samples are inside the pipeline (default: two per
+    part), so backpressure holds. The parts appear in flow metrics as ``model[0]``, ...
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        plan: Plan,
+        *,
+        capacity: int = 4,
+        cuda_graphs: bool = False,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.plan = plan
+        self.in_flight = capacity * len(plan.stages)
+        cpu_parts = sum(1 for s in plan.stages if s.device.startswith("cpu"))
+        threads = max(1, (os.cpu_count() or 1) // max(1, cpu_parts))
+        self.parts: list[PipelinePart] = [
+            PipelinePart(
+                nn.Sequential(*layers[s.layer_start : s.layer_end]),
+                s.device,
+                index=i,
+                layers=(s.layer_start, s.layer_end),
+                threads=threads,
+                cuda_graphs=cuda_graphs,
+            )
+            for i, s in enumerate(plan.stages)
+        ]
+
+    def __repr__(self) -> str:
+        devices = ", ".join(p.target for p in self.parts)
+        return f"<Pipeline {len(self.parts)} parts on {devices}>"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the parts one after another on the calling thread (a reference forward)."""
+        with torch.inference_mode():
+            for part in self.parts:
+                x = part.forward(x)
+        return x
+
+    def __streamflow_expand__(
+        self,
+        stream: Stream[Any],
+        name: str,
+        *,
+        capacity: int,
+        overflow: Overflow,
+        errors: ErrorPolicy,
+    ) -> Stream[Any]:
+        return stream.map(
+            name,
+            _PipelineStage(self, name),
+            capacity=capacity,
+            overflow=overflow,
+            errors=errors,
+            concurrency=self.in_flight,
+        )
+
+    async def stream(self, items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+        """Run the pipeline over ``items`` without writing a flow; yields outputs in order.
+
+        The flow runs in a task of its own. To leave early, iterate inside
+        ``contextlib.aclosing(pipe.stream(items))``: closing cancels the flow and joins its
+        threads at once (otherwise that happens when the generator is garbage collected).
+        """
+        out: Channel[Any] = Channel(self.in_flight)
+        flow = Flow("pipeline")
+        flow.source("items", iterate(items)).map("model", self).sink("out", out.send)
+
+        async def run() -> None:
+            try:
+                await flow.run()
+            finally:
+                out.close()
+
+        task = asyncio.ensure_future(run())
+        try:
+            while True:
+                try:
+                    y = await out.receive()
+                except ChannelClosed:
+                    break
+                yield y
+            await task  # re-raise a failure of the flow
+        finally:
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class PipelineError(Exception):
+    """A layer raised inside a pipeline part; the message names the part, its layers and
+    device, and ``__cause__`` is the original exception."""
+
+
+class PipelinePart:
+    """One part of a :class:`Pipeline`: consecutive layers pinned to one device."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        target: str,
+        *,
+        index: int,
+        layers: tuple[int, int],
+        threads: int,
+        cuda_graphs: bool,
+    ) -> None:
+        self.module = module
+        self.target = target
+        self.index = index
+        self.layers = layers
+        self.threads = threads
+        self.cuda_graphs = cuda_graphs
+        kind = target.partition(":")[0]
+        self.torch_device = torch.device("cpu") if kind == "cpu" else torch.device(target)
+        self.is_cuda = kind == "cuda"
+        self.counters = _Counters()
+        self._stream: Any = None
+        self._graphs: dict[tuple[tuple[int, ...], torch.dtype], Any] = {}
+        if cuda_graphs and not self.is_cuda:
+            raise ValueError(f"cuda_graphs=True needs CUDA devices, part {index} is on {target}")
+
+    def prepare(self) -> None:
+        """On the part's own thread: pin intra-op threads, place the weights, make a stream."""
+        if self.is_cuda:
+            torch.cuda.set_device(self.torch_device)
+            self._stream = torch.cuda.Stream(self.torch_device)  # type: ignore[no-untyped-call]
+        else:
+            torch.set_num_threads(self.threads)
+        torch.set_grad_enabled(False)  # thread-local: this thread only ever runs inference
+        self.module.to(self.torch_device).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward one batch on this part's device (call it on the part's thread).
+
+        On CUDA the copy in and the forward are queued on the part's own stream, ordered
+        after the producer's work by an event; the thread (never the event loop) waits for
+        the result before handing it on.
+        """
+        if not self.is_cuda:
+            return self.module(x if x.device.type == "cpu" else x.cpu())  # type: ignore[no-any-return]
+        stream = self._stream
+        if x.is_cuda:
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record(torch.cuda.current_stream(x.device))
+            stream.wait_event(ready)
+        elif not x.is_pinned():
+            x = x.pin_memory()
+        with torch.cuda.stream(stream):
+            x = x.to(self.torch_device, non_blocking=True)
+            y = self._replay(x) if self.cuda_graphs else self.module(x)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(stream)
+        done.synchronize()
+        return y
+
+    def _replay(self, x: torch.Tensor) -> torch.Tensor:
+        """Run a CUDA graph captured for ``x``'s shape and dtype (captured on first use)."""
+        key = (tuple(x.shape), x.dtype)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_in = x.clone()
+            for _ in range(3):  # warm up outside the graph (cuBLAS handles, allocator)
+                self.module(static_in)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self._stream):
+                static_out = self.module(static_in)
+            entry = self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()  # type: ignore[no-any-return]  # the static buffer is overwritten by the next replay
+
+    def describe(self, name: str) -> str:
+        start, end = self.layers
+        return f"{name}[{self.index}] (layers {start}..{end - 1} on {self.target})"
+
+
+class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
+    """The flow stage behind ``stream.map(name, pipe)``: feeds the part threads, awaits the
+    last part's result."""
+
+    def __init__(self, pipe: Pipeline, name: str) -> None:
+        self.pipe = pipe
+        self.name = name
+        self.workers: list[Worker] = []
+        self.steps: list[Callable[[Any, BaseException | None], None]] = []
+
+    async def setup(self) -> None:
+        self.workers = [Worker(f"{p.target}:{self.name}[{p.index}]") for p in self.pipe.parts]
+        for part, worker in zip(self.pipe.parts, self.workers, strict=True):
+            part.counters = _Counters()
+            await worker.run(part.prepare)
+
+    async def teardown(self) -> None:
+        for worker in self.workers:
+            await worker.aclose()
+
+    def process(self, item: torch.Tensor) -> asyncio.Future[torch.Tensor]:
+        """Start ``item`` on the first part's thread; the future resolves on the loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._hand(0, item, future, loop)
+        return future
+
+    def _hand(
+        self,
+        i: int,
+        x: torch.Tensor,
+        future: asyncio.Future[torch.Tensor],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        part = self.pipe.parts[i]
+
+        def done(y: Any, error: BaseException | None) -> None:  # on part i's thread
+            if error is not None:
+                failure = PipelineError(
+                    f"{part.describe(self.name)}: {type(error).__name__}: {error}"
+                )
+                failure.__cause__ = error
+                loop.call_soon_threadsafe(_settle, future, None, failure)
+            elif i + 1 < len(self.pipe.parts):
+                self._hand(i + 1, y, future, loop)
+            else:
+                loop.call_soon_threadsafe(_settle, future, y, None)
+
+        self.workers[i].submit(_timed, (part, x), done)
+
+    def sub_metrics(self) -> dict[str, StageMetrics]:
+        return {
+            f"{self.name}[{p.index}]": p.counters.snapshot(f"{self.name}[{p.index}]", "part", 0, 0)
+            for p in self.pipe.parts
+        }
+
+
+def _timed(part: PipelinePart, x: torch.Tensor) -> torch.Tensor:
+    t0 = time.perf_counter()
+    y = part.forward(x)
+    c = part.counters
+    c.items_in += 1
+    c.items_out += 1
+    c.record(time.perf_counter() - t0)
+    return y
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,186 @@
+"""Pipelined inference: exact outputs in order, any split, varying shapes, errors, drain."""
+
+import asyncio
+import threading
+from contextlib import aclosing
+
+import pytest
+import torch
+from torch import nn
+
+import streamflow as sf
+from streamflow.testing import MemorySource
+
+pytestmark = pytest.mark.asyncio
+
+CPUS = ["cpu:0", "cpu:1", "cpu:2"]
+
+
+def mlp(width: int = 32, depth: int = 6) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)])
+
+
+class Residual(nn.Module):
+    """Not a Sequential: split by torch.fx between graph nodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 32)
+        self.c = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        h = h + torch.relu(self.b(h))
+        return self.c(h)
+
+
+async def run_flow(pipe: sf.Pipeline, frames: list[torch.Tensor]) -> list[torch.Tensor]:
+    outputs: list[torch.Tensor] = []
+    flow = sf.Flow("infer")
+    flow.source("frames", sf.iterate(frames)).map("model", pipe).sink("out", sf.collect(outputs))
+    await flow.run()
+    return outputs
+
+
+def reference(model: nn.Module | list[nn.Module], frames: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        if isinstance(model, list):
+            outs = []
+            for x in frames:
+                for m in model:
+                    x = m(x)
+                outs.append(x)
+            return outs
+        return [model(x) for x in frames]
+
+
+def assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert torch.allclose(g, w, atol=1e-5, rtol=1e-5), f"sample {i} differs"
+
+
+@pytest.mark.parametrize("partition", [[12], [6, 6], [3, 4, 5]])
+async def test_sequential_model_any_number_of_stages(partition: list[int]) -> None:
+    model = mlp()
+    frames = [torch.randn(1, 32) for _ in range(64)]
+    pipe = sf.pipeline(model, CPUS[: len(partition)], torch.randn(1, 32), partition=partition)
+    assert pipe.plan.partition == partition
+    assert_same(await run_flow(pipe, frames), reference(model, frames))
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+async def test_fx_traced_model(stages: int) -> None:
+    model = Residual().eval()
+    frames = [torch.randn(2, 32) for _ in range(40)]
+    n = len(sf.parallel.split_layers(model))
+    partition = [n] if stages == 1 else [1] * (stages - 1) + [n - stages + 1]
+    pipe = sf.pipeline(model, CPUS[:stages], torch.randn(1, 32), partition=partition)
+    assert_same(await run_flow(pipe, frames), reference(model, frames))
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+async def test_list_of_modules(stages: int) -> None:
+    layers = list(mlp(16, 3))
+    frames = [torch.randn(1, 16) for _ in range(30)]
+    partition = {1: [6], 2: [2, 4], 3: [2, 2, 2]}[stages]  # 3 x (Linear, Tanh) flattened
+    pipe = sf.pipeline(layers, CPUS[:stages], torch.randn(1, 16), partition=partition)
+    assert_same(await run_flow(pipe, frames), reference(layers, frames))
+
+
+async def test_auto_plan_and_varying_shapes() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 4),
+    ).eval()
+    frames = [torch.randn(b, 3, s, s) for b, s in [(1, 16), (3, 9), (2, 31), (1, 5), (4, 16)] * 6]
+    pipe = sf.pipeline(model, ["cpu:0", "cpu:1"], torch.randn(1, 3, 16, 16))
+    assert 1 <= len(pipe.plan.stages) <= 2
+    text = str(pipe.plan)
+    assert "cpu:0" in text and "throughput" in text.lower()
+    assert_same(await run_flow(pipe, frames), reference(model, frames))
+
+
+async def test_stream_without_a_flow_and_early_exit() -> None:
+    model = mlp()
+    frames = [torch.randn(1, 32) for _ in range(20)]
+    pipe = sf.pipeline(model, ["cpu:0", "cpu:1"], frames[0], partition=[6, 6])
+    got = [y async for y in pipe.stream(frames)]
+    assert_same(got, reference(model, frames))
+    async with aclosing(pipe.stream(frames * 100)) as outputs:
+        async for _ in outputs:
+            break  # leaving early cancels the flow and joins its threads
+    assert not [t for t in threading.enumerate() if t.name.startswith("streamflow-")]
+
+
+async def test_a_failing_layer_names_the_part_and_follows_the_policy() -> None:
+    class Picky(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] == 3:
+                raise ValueError("batch of 3 not allowed")
+            return x
+
+    model = nn.Sequential(nn.Linear(8, 8), Picky(), nn.Linear(8, 8))
+    frames = [torch.randn(b, 8) for b in (1, 2, 3, 1, 2)]
+    pipe = sf.pipeline(model, ["cpu:0", "cpu:1"], torch.randn(1, 8), partition=[1, 2])
+    flow = sf.Flow("infer")
+    flow.source("frames", frames).map("model", pipe).sink("out", sf.collect())
+    with pytest.raises(sf.StageError) as info:
+        await flow.run()
+    message = str(info.value)
+    assert "stage 'model'" in message and "shape=[3, 8]" in message
+    assert "model[1] (layers 1..2 on cpu:1): ValueError: batch of 3 not allowed" in message
+
+    out: list[torch.Tensor] = []
+    flow = sf.Flow("skip")
+    flow.source("frames", frames).map("model", pipe, errors="skip").sink("out", sf.collect(out))
+    await flow.run()
+    assert [y.shape[0] for y in out] == [1, 2, 1, 2]
+
+
+async def test_stop_with_drain_finishes_samples_in_flight() -> None:
+    model = mlp()
+    source = MemorySource([torch.randn(1, 32) for _ in range(8)], forever=True)
+    out: list[torch.Tensor] = []
+    pipe = sf.pipeline(model, ["cpu:0", "cpu:1"], torch.randn(1, 32), partition=[6, 6])
+    flow = sf.Flow("f")
+    flow.source("s", source).map("model", pipe).sink("out", sf.collect(out))
+    async with flow.start() as running:
+        while len(out) < 30:
+            await asyncio.sleep(0.001)
+        await running.stop(drain=True)
+    assert len(out) == source.taken and source.unacked == []
+    metrics = flow.metrics()
+    assert metrics["model[0]"].items_out == metrics["model[1]"].items_out == source.taken
+    assert metrics["model[1]"].latency_p50_s is not None
+
+
+async def test_bad_models_and_options() -> None:
+    with pytest.raises(TypeError):
+        sf.pipeline("not a model", ["cpu:0"], torch.randn(1, 4))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="example="):
+        sf.pipeline(mlp(), ["cpu:0"])
+    with pytest.raises(ValueError, match="cuda_graphs=True needs CUDA"):
+        sf.pipeline(mlp(), ["cpu:0"], torch.randn(1, 32), cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+async def test_cuda_parts(cuda_graphs: bool) -> None:
+    model = mlp(64, 4)
+    frames = [torch.randn(1, 64) for _ in range(50)]
+    pipe = sf.pipeline(
+        model, ["cuda:0", "cuda:0"], frames[0], partition=[4, 4], cuda_graphs=cuda_graphs
+    )
+    got = [y.cpu() for y in await run_flow(pipe, frames)]
+    assert_same(got, reference(model, frames))
