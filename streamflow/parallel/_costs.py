@@ -71,7 +71,8 @@ class Profile:
     on device ``d``. ``handoff`` is the CPU-worker-to-CPU-worker hand-off; ``links`` holds
     measured copies keyed ``"src->dst"`` by timing class (``"cpu->cuda:0"``, ...).
     ``batch_size`` is the number of samples the times are for; ``input_bytes`` the size
-    of one input batch.
+    of one input batch. ``contention`` is how much slower CPU layers run when another CPU
+    worker computes at the same time (shared memory bandwidth, the GIL); 1.0 if unmeasured.
     """
 
     layers: Sequence[LayerProfile]
@@ -81,6 +82,7 @@ class Profile:
     links: Mapping[str, HandoffModel] = field(default_factory=dict)
     batch_size: int = 1
     input_bytes: int = 0
+    contention: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -99,6 +101,8 @@ class Profile:
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         _check_bytes("Profile", "input_bytes", self.input_bytes)
+        if not (math.isfinite(self.contention) and self.contention >= 1.0):
+            raise ValueError(f"contention must be a finite number >= 1, got {self.contention!r}")
 
     @property
     def layer_names(self) -> list[str]:
@@ -138,6 +142,7 @@ class Profile:
                 "devices": list(self.devices),
                 "batch_size": self.batch_size,
                 "input_bytes": self.input_bytes,
+                "contention": self.contention,
                 "handoff": asdict(self.handoff),
                 "device_scale": dict(self.device_scale),
                 "links": {key: asdict(link) for key, link in self.links.items()},
@@ -158,6 +163,7 @@ class Profile:
                 links={k: HandoffModel(**v) for k, v in data.get("links", {}).items()},
                 batch_size=data.get("batch_size", 1),
                 input_bytes=data.get("input_bytes", 0),
+                contention=data.get("contention", 1.0),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed {_KIND} document: {exc!r}") from exc

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from ._costs import Profile
-from ._devices import check_devices
+from ._devices import check_devices, is_cuda
 from ._search import Split, min_bottleneck, min_latency, min_stages_within
 from ._serial import dump_document, load_document
 
@@ -197,8 +197,16 @@ def plan(
             return profile.input_transfer_s(devs[dst])
         return profile.transfer_s(profile.layers[cut - 1].activation_bytes, devs[src], devs[dst])
 
+    # CPU workers computing at once slow each other down (memory bandwidth, the GIL):
+    # multi-stage plans pay profile.contention on their CPU stages, a single stage does not.
+    cpu = [not is_cuda(d) for d in devs]
+    busy = [scale[d] * (profile.contention if cpu[d] else 1.0) for d in range(len(devs))]
+
     def stage_s(start: int, end: int, dev: int, prev: int | None) -> float:
-        return (prefix[end] - prefix[start]) * scale[dev] + transfer(start, prev, dev)
+        return (prefix[end] - prefix[start]) * busy[dev] + transfer(start, prev, dev)
+
+    def alone_s(dev: int) -> float:
+        return prefix[n] * scale[dev] + transfer(0, None, dev)
 
     split: Split
     if partition is not None:
@@ -209,6 +217,19 @@ def plan(
         best = min_bottleneck(n, len(devs), stage_s)
         limit = best * (1 + tolerance) + max(abs(best) * 1e-9, 1e-15)
         split = min_stages_within(n, len(devs), stage_s, limit)
+    if partition is None and len(split) > 1:
+        solo = min(range(len(devs)), key=alone_s)
+        times = [
+            stage_s(a, b, d, split[k - 1][2] if k else None) for k, (a, b, d) in enumerate(split)
+        ]
+        if objective == "latency":
+            worth = sum(times) < alone_s(solo)
+        else:
+            worth = max(times) * (1 + tolerance) < alone_s(solo)
+        if not worth:  # merging everything into one stage is as good: fewer stages win
+            split = [(0, n, solo)]
+    shared = sum(1 for _, _, d in split if cpu[d]) > 1
+    factor = [busy[d] if shared and cpu[d] else scale[d] for d in range(len(devs))]
 
     stages = []
     for k, (start, end, dev) in enumerate(split):
@@ -219,7 +240,7 @@ def plan(
                 layer_start=start,
                 layer_end=end,
                 layer_names=profile.layer_names[start:end],
-                compute_s=(prefix[end] - prefix[start]) * scale[dev],
+                compute_s=(prefix[end] - prefix[start]) * factor[dev],
                 transfer_in_s=transfer(start, prev, dev),
                 activation_out_bytes=profile.layers[end - 1].activation_bytes,
             )

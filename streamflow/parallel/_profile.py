@@ -64,6 +64,8 @@ def profile(
                 scale[timing_class(dev)] = max(sum(other), 1e-12) / max(sum(forward), 1e-12)
     with _bench_context("cpu:0"):
         handoff = _measure_handoff(max([*out_bytes, _MIN_COPY_BYTES]), warmup, repeats)
+        cpus = sum(1 for d in devs if not is_cuda(d))
+        contention = _measure_contention(layers, example, repeats) if cpus > 1 else 1.0
     return Profile(
         layers=[
             LayerProfile(name, f, b, _state_bytes(layer), a)
@@ -75,6 +77,7 @@ def profile(
         links=_measure_links(devs, max(out_bytes), handoff.latency_s, repeats),
         batch_size=int(example.shape[0]) if example.dim() > 0 else 1,
         input_bytes=_nbytes(example),
+        contention=contention,
     )
 
 
@@ -133,6 +136,43 @@ def _backward_time(layer: nn.Module, x: Any, device: str, warmup: int, repeats: 
         if i >= warmup:
             samples.append(elapsed)
     return statistics.median(samples)
+
+
+def _measure_contention(layers: list[nn.Module], example: torch.Tensor, repeats: int) -> float:
+    """Slow-down of the whole chain on one thread while another thread runs it too."""
+
+    def chain() -> None:
+        x = example
+        with torch.no_grad():
+            for layer in layers:
+                x = layer(_fresh(x))
+
+    def timed() -> float:
+        samples = []
+        for _ in range(max(repeats, 5)):
+            start = time.perf_counter()
+            chain()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    with preserved_buffers(layers):
+        chain()  # warm up
+        alone = timed()
+        stop = threading.Event()
+
+        def busy() -> None:
+            torch.set_num_threads(1)
+            while not stop.is_set():
+                chain()
+
+        other = threading.Thread(target=busy, name="streamflow-profile-load", daemon=True)
+        other.start()
+        try:
+            loaded = timed()
+        finally:
+            stop.set()
+            other.join()
+    return min(4.0, max(1.0, loaded / max(alone, 1e-12)))
 
 
 def _measure_handoff(nbytes: int, warmup: int, repeats: int) -> HandoffModel:
