@@ -1,0 +1,114 @@
+"""The raw record every source yields, and the decode step that meets the error policy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+
+from .codecs import BYTES, Buffer, Codec
+
+__all__ = ["DecodeError", "Record", "decode"]
+
+log = structlog.get_logger("streamflow")
+
+
+class Record:
+    """One item as a connector read it: the raw bytes and where they came from.
+
+    ``source`` names the connector (``"kafka:readings"``, ``"file:/data/x.jsonl"``, ...);
+    ``position`` says where in it (``partition``/``offset``, ``line``, ``peer``, ...). ``codec``
+    is how :meth:`decode` reads ``raw``. ``error`` is set when the source itself found the input
+    broken (a truncated or oversized frame, an overlong line): such a record always fails to
+    decode, so it reaches the decode stage's error policy like any other malformed input.
+
+    Sources yield records inside :class:`streamflow.Message` envelopes whose ``meta`` is
+    ``{"source": ..., **position}``. Sinks of this package pass a ``Record`` through raw
+    (``raw``, ``key`` and ``headers`` unchanged).
+    """
+
+    __slots__ = ("codec", "error", "headers", "key", "position", "raw", "source", "timestamp")
+
+    def __init__(
+        self,
+        raw: Buffer,
+        source: str,
+        position: Mapping[str, Any],
+        *,
+        codec: Codec[Any] = BYTES,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+        timestamp: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.raw = raw
+        self.source = source
+        self.position = position
+        self.codec = codec
+        self.key = key
+        self.headers = headers
+        self.timestamp = timestamp
+        self.error = error
+
+    def decode(self) -> Any:
+        """The value, read with ``codec``.
+
+        :raises DecodeError: ``raw`` is malformed (or ``error`` is set); it carries the record.
+        """
+        if self.error is None:
+            try:
+                return self.codec.decode(self.raw)
+            except Exception as exc:
+                raise DecodeError(self, f"{type(exc).__name__}: {exc}") from exc
+        raise DecodeError(self, self.error)
+
+    def where(self) -> str:
+        """``source`` and ``position`` as text, for messages."""
+        inner = ", ".join(f"{k}={v}" for k, v in self.position.items())
+        return f"{self.source} ({inner})" if inner else self.source
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __repr__(self) -> str:
+        bad = f", error={self.error!r}" if self.error else ""
+        return f"Record({self.where()}, {len(self.raw)} bytes{bad})"
+
+
+class DecodeError(ValueError):
+    """A record could not be decoded. ``record`` holds the raw bytes and position, ``reason``
+    says why; the message names both."""
+
+    def __init__(self, record: Record, reason: str) -> None:
+        self.record = record
+        self.reason = reason
+        super().__init__(f"malformed record from {record.where()}: {reason}")
+
+
+def decode(record: Record) -> Any:
+    """Decode a :class:`Record` with its codec: the function for a ``map`` stage.
+
+    Use it as the first stage after a connector's source, with the error policy you want for
+    malformed input::
+
+        flow.source("in", KafkaSource(...)).map("decode", connectors.decode, errors="skip")
+
+    A malformed record logs ``connector.bad_record`` (source, position, reason, size) and
+    raises :class:`DecodeError`, so ``errors="skip"`` counts and skips it and
+    ``errors=sf.DeadLetter(sink)`` hands the sink the raw record and the reason.
+    """
+    if not isinstance(record, Record):
+        raise TypeError(f"decode() expects a connectors.Record, got {type(record).__name__}")
+    try:
+        return record.decode()
+    except DecodeError as exc:
+        log.warning(
+            "connector.bad_record",
+            source=record.source,
+            **record.position,
+            codec=record.codec.name,
+            size=len(record.raw),
+            reason=exc.reason,
+        )
+        raise
