@@ -1,0 +1,450 @@
+"""KafkaSource: a consumer-group member that commits only what the flow has finished."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+import streamflow as sf
+
+from .._backoff import Backoff
+from .._errors import ConnectorError
+from .._inorder import InOrder
+from .._record import Record
+from ..codecs import BYTES, Codec
+from ._security import Security
+
+__all__ = ["KafkaSource", "KafkaSourceStats"]
+
+log = structlog.get_logger("streamflow")
+
+_PROBE_EVERY = 2.0  # seconds without any broker round trip before a liveness probe
+_OP_TIMEOUT = 10.0  # a commit or probe that takes longer counts as failed
+
+
+@dataclass
+class KafkaSourceStats:
+    """Counters of a :class:`KafkaSource` (read them any time)."""
+
+    fetched: int = 0
+    """Records received from the broker."""
+    yielded: int = 0
+    """Records handed to the flow."""
+    acked: int = 0
+    """Records the flow finished (any outcome)."""
+    commits: int = 0
+    """Successful offset commits."""
+    pauses: int = 0
+    """Times the partitions were paused because ``max_pending`` records were pending."""
+    peak_pending: int = 0
+    """Most records pending at once (fetched and not yet released by a commit point)."""
+    assignments: int = 0
+    """Partition assignments received (1 when nothing rebalanced)."""
+    revocations: int = 0
+    """Partition revocations handled."""
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    """The last committed offset per ``(topic, partition)``: every record below it is done."""
+
+
+class _Partition:
+    __slots__ = ("active", "committable", "committed", "tp", "tracker")
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.active = True  # False once revoked: late acks no longer count
+        self.tracker: InOrder[int, int] = InOrder()
+        self.committable: int | None = None  # next offset to read: all below are done
+        self.committed: int | None = None
+
+
+class KafkaSource:
+    """Consume ``topics`` as a member of consumer group ``group_id``, at least once.
+
+    Yields :class:`streamflow.Message` envelopes around :class:`~connectors.Record` (raw
+    value, key, headers, timestamp; ``position`` is ``topic``/``partition``/``offset``);
+    decode them with a ``map(..., connectors.decode)`` stage so malformed values meet its
+    error policy.
+
+    Delivery: offsets are committed only up to the first record the flow has not finished, per
+    partition, every ``commit_interval`` seconds, on partition revoke and on exit. A slow
+    record holds its partition's commit point back; a record after it finishing early never
+    lets a commit skip it. A crash delivers every uncommitted record again (duplicates are
+    possible, losses are not).
+
+    Memory: at most ``max_pending`` records are fetched and not yet released (buffered here or
+    in the flow). At that point the partitions are paused, and the source keeps polling the
+    (paused) consumer so it stays in its group for as long as the flow pushes back, whatever
+    ``max_poll_interval_ms`` is. It resumes at ``max_pending // 2``.
+
+    Outages: aiokafka reconnects by itself; a broker that stays unreachable (no fetch, commit
+    or metadata probe succeeds) for ``reconnect_timeout`` seconds fails the flow with
+    :class:`~connectors.BrokerUnavailable`. ``security`` passes TLS/SASL settings; any other
+    ``AIOKafkaConsumer`` option goes in ``**consumer_options``. Single use: one flow run.
+    """
+
+    def __init__(
+        self,
+        topics: str | Sequence[str],
+        group_id: str,
+        bootstrap_servers: str | Sequence[str] = "127.0.0.1:9092",
+        *,
+        codec: Codec[Any] = BYTES,
+        max_pending: int = 1000,
+        commit_interval: float = 1.0,
+        auto_offset_reset: Literal["earliest", "latest"] = "earliest",
+        reconnect_timeout: float | None = 60.0,
+        revoke_timeout: float = 10.0,
+        close_timeout: float = 10.0,
+        security: Security | None = None,
+        **consumer_options: Any,
+    ) -> None:
+        self.topics = [topics] if isinstance(topics, str) else list(topics)
+        if not self.topics:
+            raise ValueError("KafkaSource needs at least one topic")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.group_id = group_id
+        self.bootstrap_servers = (
+            bootstrap_servers if isinstance(bootstrap_servers, str) else list(bootstrap_servers)
+        )
+        self.codec = codec
+        self.max_pending = max_pending
+        self.commit_interval = commit_interval
+        self.auto_offset_reset = auto_offset_reset
+        self.reconnect_timeout = reconnect_timeout
+        self.revoke_timeout = revoke_timeout
+        self.close_timeout = close_timeout
+        self.security = security
+        self.consumer_options = consumer_options
+        self.name = "kafka:" + ",".join(self.topics)
+        self.stats = KafkaSourceStats()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._parts: dict[TopicPartition, _Partition] = {}
+        self._buffer: deque[tuple[_Partition, ConsumerRecord[Any, Any]]] = deque()
+        self._pending = 0
+        self._paused = False
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._acked = asyncio.Event()
+        self._error: BaseException | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_contact = 0.0
+        self._health = Backoff(self._what(), give_up_after=reconnect_timeout)
+
+    def _what(self) -> str:
+        return f"kafka source {self.name} (group {self.group_id!r}, {self.bootstrap_servers})"
+
+    def __repr__(self) -> str:
+        return f"KafkaSource({self.topics!r}, group_id={self.group_id!r})"
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> KafkaSource:
+        if self._consumer is not None:
+            raise RuntimeError(f"{self!r} is already running; create one source per flow run")
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "group_id": self.group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": self.auto_offset_reset,
+            **(self.security.client_kwargs() if self.security else {}),
+            **self.consumer_options,
+        }
+        backoff = Backoff(self._what(), give_up_after=self.reconnect_timeout)
+        while True:
+            consumer = AIOKafkaConsumer(**kwargs)
+            try:
+                await consumer.start()
+            except KafkaError as exc:
+                await consumer.stop()
+                await backoff.wait(exc)
+                continue
+            break
+        consumer.subscribe(self.topics, listener=_Listener(self))
+        self._consumer = consumer
+        self._last_contact = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._guard(self._poll_loop()), name=f"{self.name}:poll"),
+            loop.create_task(self._guard(self._commit_loop()), name=f"{self.name}:commit"),
+        ]
+        log.info("connector.start", connector=self._what())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop polling, commit what the flow finished, leave the group, close."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        with anyio.CancelScope(shield=True):
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            with anyio.move_on_after(self.close_timeout):
+                await self._commit(list(self._parts.values()), final=True)
+            with anyio.move_on_after(self.close_timeout):
+                await consumer.stop()
+        self._buffer.clear()
+        log.info("connector.stop", connector=self._what(), committed=self.stats.committed)
+
+    # -- the flow's side -----------------------------------------------------------------
+
+    def __aiter__(self) -> KafkaSource:
+        return self
+
+    async def __anext__(self) -> sf.Message[Record]:
+        buffer = self._buffer
+        while not buffer:
+            if self._error is not None:
+                raise self._error
+            if self._consumer is None:
+                raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
+            self._ready.clear()
+            await self._ready.wait()
+        part, rec = buffer.popleft()
+        self.stats.yielded += 1
+        position = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
+        value = rec.value if rec.value is not None else b""
+        record = Record(
+            value,
+            self.name,
+            position,
+            codec=self.codec,
+            key=rec.key,
+            headers=tuple(rec.headers),
+            timestamp=rec.timestamp / 1000,
+        )
+        meta = {"source": self.name, **position}
+        return sf.Message(record, meta=meta, on_ack=partial(self._on_ack, part, rec.offset))
+
+    def _on_ack(self, part: _Partition, offset: int, outcome: sf.Outcome) -> None:
+        self.stats.acked += 1
+        if not part.active:
+            return
+        released = part.tracker.done(offset)
+        if released:
+            part.committable = released[-1] + 1
+            self._pending -= len(released)
+            if self._paused and self._pending <= self.max_pending // 2:
+                self._room.set()
+        self._acked.set()
+
+    # -- background ----------------------------------------------------------------------
+
+    async def _guard(self, body: Coroutine[Any, Any, None]) -> None:
+        try:
+            await body
+        except asyncio.CancelledError:
+            raise
+        except ConnectorError as exc:
+            self._fail(exc)
+        except Exception as exc:
+            error = ConnectorError(f"{self._what()} failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        log.error("connector.failed", connector=self._what(), error=str(error))
+        self._error = error
+        self._ready.set()
+
+    async def _poll_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        low = self.max_pending // 2
+        while True:
+            room = self.max_pending - self._pending
+            if room <= 0 or (self._paused and self._pending > low):
+                if not self._paused:
+                    self._pause(consumer)
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await self._room.wait()
+                # an empty poll of the paused consumer: the group sees us alive
+                await consumer.getmany(timeout_ms=0)
+                await self._check_health(consumer)
+                continue
+            if self._paused:
+                self._paused = False
+                consumer.resume(*consumer.assignment())
+                log.debug("connector.resume", connector=self.name, pending=self._pending)
+            batches = await consumer.getmany(timeout_ms=200, max_records=room)
+            if batches:
+                self._take(batches)
+            else:
+                await self._check_health(consumer)
+
+    def _pause(self, consumer: AIOKafkaConsumer) -> None:
+        self._paused = True
+        self.stats.pauses += 1
+        consumer.pause(*consumer.assignment())
+        log.debug("connector.pause", connector=self.name, pending=self._pending)
+
+    def _take(self, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        self._last_contact = time.monotonic()
+        self._health.reset()
+        buffer, parts = self._buffer, self._parts
+        n = 0
+        for tp, records in batches.items():
+            part = parts.get(tp)
+            if part is None:
+                part = parts[tp] = _Partition(tp)
+            track = part.tracker.track
+            for rec in records:
+                track(rec.offset, rec.offset)
+                buffer.append((part, rec))
+            n += len(records)
+        self._pending += n
+        self.stats.fetched += n
+        if self._pending > self.stats.peak_pending:
+            self.stats.peak_pending = self._pending
+        self._ready.set()
+
+    async def _check_health(self, consumer: AIOKafkaConsumer) -> None:
+        """With no broker round trip for a while, probe with a metadata request; fail the
+        source once the broker has been unreachable for ``reconnect_timeout``."""
+        if time.monotonic() - self._last_contact < _PROBE_EVERY:
+            return
+        try:
+            async with asyncio.timeout(_OP_TIMEOUT):
+                await consumer.topics()
+        except (KafkaError, TimeoutError) as exc:
+            self._last_contact = time.monotonic() - _PROBE_EVERY + 0.5  # probe again soon
+            self._health.check(exc)
+            log.warning(
+                "connector.unreachable",
+                connector=self._what(),
+                error=repr(exc),
+                failing_s=round(self._health.failing_for, 3),
+            )
+        else:
+            self._contact()
+
+    def _contact(self) -> None:
+        self._last_contact = time.monotonic()
+        self._health.reset()
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.commit_interval)
+            await self._commit(list(self._parts.values()))
+
+    async def _commit(self, parts: list[_Partition], *, final: bool = False) -> bool:
+        consumer = self._consumer
+        assert consumer is not None
+        offsets = {
+            p.tp: p.committable
+            for p in parts
+            if p.committable is not None and p.committable != p.committed
+        }
+        if not offsets:
+            return True
+        try:
+            async with asyncio.timeout(_OP_TIMEOUT):
+                await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # the group rebalanced under us: another member owns these partitions now and
+            # will read their uncommitted records again
+            log.warning(
+                "connector.commit_failed",
+                connector=self.name,
+                offsets=_show(offsets),
+                error=repr(exc),
+                retry=False,
+            )
+            return False
+        except (KafkaError, TimeoutError) as exc:
+            log.warning(
+                "connector.commit_failed",
+                connector=self.name,
+                offsets=_show(offsets),
+                error=repr(exc),
+                retry=not final,
+            )
+            if not final:
+                self._health.check(exc)
+            return False
+        for tp, offset in offsets.items():
+            part = self._parts.get(tp)
+            if part is not None:
+                part.committed = offset
+            self.stats.committed[(tp.topic, tp.partition)] = offset
+        self.stats.commits += 1
+        self._contact()
+        return True
+
+    # -- rebalances ----------------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Forget unsent records of ``revoked``, give the flow ``revoke_timeout`` to finish the
+        ones it holds, and commit them, before the partitions move to another member."""
+        if not revoked:
+            return
+        self.stats.revocations += 1
+        gone = [self._parts[tp] for tp in revoked if tp in self._parts]
+        kept = deque(item for item in self._buffer if item[0].tp not in revoked)
+        unsent: dict[TopicPartition, int] = {}
+        for part, _ in self._buffer:
+            if part.tp in revoked:
+                unsent[part.tp] = unsent.get(part.tp, 0) + 1
+        self._buffer = kept
+        for part in gone:
+            n = unsent.get(part.tp, 0)
+            part.tracker.discard_after(len(part.tracker) - n)
+            self._pending -= n
+        with anyio.move_on_after(self.revoke_timeout):
+            while any(part.tracker for part in gone):
+                self._acked.clear()
+                await self._acked.wait()
+        await self._commit(gone)
+        for part in gone:
+            part.active = False
+            self._pending -= len(part.tracker)  # not finished in time: read again elsewhere
+            del self._parts[part.tp]
+        log.info("connector.revoked", connector=self.name, partitions=_show_tps(revoked))
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.stats.assignments += 1
+        for tp in assigned:
+            self._parts.setdefault(tp, _Partition(tp))
+        if self._paused and self._consumer is not None:
+            self._consumer.pause(*assigned)
+        log.info("connector.assigned", connector=self.name, partitions=_show_tps(assigned))
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.source._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.source._on_assigned(assigned)
+
+
+def _show(offsets: dict[TopicPartition, int]) -> dict[str, int]:
+    return {f"{tp.topic}[{tp.partition}]": off for tp, off in offsets.items()}
+
+
+def _show_tps(tps: set[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in tps)
