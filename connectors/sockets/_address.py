@@ -1,0 +1,30 @@
+"""Where a socket connector listens or connects: TCP host and port, or a Unix socket path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["Address"]
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """``host``/``port`` for TCP, or ``path`` for a Unix socket (exactly one of them)."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    path: str | None = None
+
+    @classmethod
+    def of(cls, host: str, port: int | None, path: str | os.PathLike[str] | None) -> Address:
+        if (port is None) == (path is None):
+            raise ValueError("give either port= (TCP) or path= (Unix socket)")
+        if port is not None and not 0 <= port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {port}")
+        return cls(host, port, None if path is None else os.fspath(path))
+
+    def label(self, kind: str = "tcp") -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"{kind}:{self.host}:{self.port}"
