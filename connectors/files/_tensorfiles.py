@@ -1,0 +1,295 @@
+"""Tensor files: .npy and .safetensors, one tensor (or dict of tensors) per file."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import structlog
+
+import streamflow as sf
+
+from .._inorder import InOrder
+from .._record import Record
+from ..codecs import Buffer, Codec
+from ._atomic import write_atomic
+from ._position import Checkpoint
+
+__all__ = ["NpyCodec", "SafetensorsCodec", "TensorFileSink", "TensorFileSource"]
+
+log = structlog.get_logger("streamflow")
+
+Framework = Literal["torch", "numpy"]
+SUFFIXES = (".npy", ".safetensors")
+
+
+class NpyCodec:
+    """A whole ``.npy`` file <-> one array (numpy) or tensor (torch).
+
+    Decoding checks the header against the data size (a header that lies about the shape is
+    a ``ValueError``), refuses object arrays (they would need pickle) and copies nothing: the
+    result aliases the file's buffer (writable when it is a ``bytearray``)."""
+
+    name = "npy"
+
+    def __init__(self, framework: Framework = "torch") -> None:
+        self.framework = framework
+
+    def encode(self, value: Any, /) -> bytes:
+        import numpy as np
+
+        out = io.BytesIO()
+        np.lib.format.write_array(out, _to_numpy(value), allow_pickle=False)
+        return out.getvalue()
+
+    def decode(self, raw: Buffer, /) -> Any:
+        import numpy as np
+        from numpy.lib import format as npformat
+
+        f = io.BytesIO(raw)
+        version = npformat.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npformat.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = npformat.read_array_header_2_0(f)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not supported (they need pickle)")
+        start = f.tell()
+        count = math.prod(shape)
+        need = count * dtype.itemsize
+        if need != len(raw) - start:
+            raise ValueError(
+                f"npy header says {dtype}{list(shape)} = {need} bytes, the file holds "
+                f"{len(raw) - start}"
+            )
+        array = np.frombuffer(raw, dtype=dtype, count=count, offset=start)
+        array = array.reshape(shape, order="F" if fortran else "C")
+        if self.framework == "numpy":
+            return array
+        import torch
+
+        if not array.flags.writeable:
+            array = array.copy()
+        return torch.from_numpy(array)
+
+
+class SafetensorsCodec:
+    """A whole ``.safetensors`` file <-> a ``dict`` of named tensors (torch or numpy).
+    Malformed headers or sizes raise the library's error (never a bad read)."""
+
+    name = "safetensors"
+
+    def __init__(self, framework: Framework = "torch") -> None:
+        self.framework = framework
+
+    def encode(self, value: Any, /) -> bytes:
+        tensors = value if isinstance(value, dict) else {"tensor": value}
+        if self.framework == "numpy":
+            from safetensors.numpy import save as save_numpy
+
+            return bytes(save_numpy({k: _to_numpy(v) for k, v in tensors.items()}))
+        import torch
+        from safetensors.torch import save as save_torch
+
+        return bytes(save_torch({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()}))
+
+    def decode(self, raw: Buffer, /) -> dict[str, Any]:
+        data = bytes(raw)
+        if self.framework == "numpy":
+            from safetensors.numpy import load as load_numpy
+
+            return dict(load_numpy(data))
+        from safetensors.torch import load as load_torch
+
+        return dict(load_torch(data))
+
+
+def _to_numpy(value: Any) -> Any:
+    if type(value).__module__.startswith("torch"):
+        return value.detach().cpu().numpy()
+    return value
+
+
+class TensorFileSource:
+    """Yield the ``.npy`` and ``.safetensors`` files of ``directory`` in name order, one
+    :class:`~connectors.Record` per file (the file's bytes; ``position``: ``file`` name and
+    ``index``); :func:`connectors.decode` turns a ``.npy`` into a tensor (or array, with
+    ``framework="numpy"``) and a ``.safetensors`` into a dict of tensors. ``directory`` may
+    also be a single file.
+
+    ``follow=True``: keep watching the directory (every ``poll_interval`` s) and yield new
+    files as they appear, like ``tail -f`` for a directory. Only names that sort after the
+    last file read are picked up, so writers should use increasing names (as
+    :class:`TensorFileSink` does); hidden files (``.name``) are ignored, which is how a
+    writer's temporary files stay invisible.
+
+    Resume: :attr:`position` is the last file name before which every file was handled;
+    pass it as ``start_after=``, or use ``checkpoint=`` (saved atomically, read on start).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        framework: Framework = "torch",
+        follow: bool = False,
+        poll_interval: float = 0.5,
+        start_after: str | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_interval: float = 1.0,
+    ) -> None:
+        self.directory = Path(directory)
+        self.codecs: dict[str, Codec[Any]] = {
+            ".npy": NpyCodec(framework),
+            ".safetensors": SafetensorsCodec(framework),
+        }
+        self.follow = follow
+        self.poll_interval = poll_interval
+        self.name = f"file:{self.directory}"
+        self._start_after = start_after
+        self._checkpoint = (
+            None if checkpoint is None else Checkpoint(checkpoint, checkpoint_interval)
+        )
+        self._last: str | None = None  # last name yielded
+        self._queue: list[Path] = []
+        self._index = 0
+        self._done: InOrder[str, str] = InOrder()
+        self._committed: str | None = None
+        self._entered = False
+
+    def __repr__(self) -> str:
+        return f"TensorFileSource({str(self.directory)!r}, follow={self.follow})"
+
+    @property
+    def position(self) -> str | None:
+        """Every file up to this name (inclusive) has been handled; ``None``: none yet."""
+        return self._committed
+
+    async def __aenter__(self) -> TensorFileSource:
+        self._entered = True
+        after = self._start_after
+        if after is None and self._checkpoint is not None:
+            state = self._checkpoint.load()
+            if state is not None:
+                after = state.get("after")
+                log.info("connector.resume", source=self.name, after=after)
+        self._last = self._committed = after
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._save(force=True)
+
+    def _save(self, *, force: bool = False) -> None:
+        if self._checkpoint is not None:
+            state = {"path": str(self.directory), "after": self._committed}
+            self._checkpoint.save(state, force=force)
+
+    def _list(self) -> list[Path]:
+        if self.directory.is_file():
+            return [self.directory]
+        names = sorted(
+            p.name
+            for p in self.directory.iterdir()
+            if p.suffix in SUFFIXES and not p.name.startswith(".")
+        )
+        return [self.directory / n for n in names if self._last is None or n > self._last]
+
+    def __aiter__(self) -> TensorFileSource:
+        return self
+
+    async def __anext__(self) -> sf.Message[Record]:
+        if not self._entered:
+            raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
+        self._save()
+        while not self._queue:
+            try:
+                self._queue = await anyio.to_thread.run_sync(self._list)
+            except FileNotFoundError:
+                if not self.follow:
+                    raise
+                self._queue = []
+            if self._queue:
+                break
+            if not self.follow or self.directory.is_file():
+                raise StopAsyncIteration
+            await anyio.sleep(self.poll_interval)
+        path = self._queue.pop(0)
+        raw = await anyio.to_thread.run_sync(_read, path)
+        self._last = path.name
+        self._index += 1
+        position = {"file": path.name, "index": self._index}
+        record = Record(raw, self.name, position, codec=self.codecs[path.suffix])
+        self._done.track(path.name, path.name)
+        meta = {"source": self.name, **position}
+        return sf.Message(record, meta=meta, on_ack=partial(self._ack, path.name))
+
+    def _ack(self, name: str, outcome: sf.Outcome) -> None:
+        released = self._done.done(name)
+        if released:
+            self._committed = released[-1]
+
+
+def _read(path: Path) -> bytearray:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        n = f.readinto(buf)
+        del buf[n:]
+        return buf
+
+
+class TensorFileSink:
+    """Write each item to its own file in ``directory``: a tensor or array as ``.npy``, or a
+    dict of tensors (or one tensor, named ``"tensor"``) as ``.safetensors``.
+
+    Guarantee: each file is written to a hidden temporary name, flushed to disk and renamed
+    (then the directory is synced), and ``send`` returns after the rename. So a file is
+    either absent or complete, and an acked item is on disk. Names are
+    ``{prefix}-{nanoseconds}-{n}.{suffix}``, increasing, which is what
+    :class:`TensorFileSource` in follow mode needs.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        format: Literal["npy", "safetensors"] = "npy",
+        prefix: str = "part",
+        fsync: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self.format = format
+        self.codec: NpyCodec | SafetensorsCodec = (
+            NpyCodec() if format == "npy" else SafetensorsCodec()
+        )
+        self.prefix = prefix
+        self.fsync = fsync
+        self.written: list[Path] = []
+        self._n = 0
+
+    def __repr__(self) -> str:
+        return f"TensorFileSink({str(self.directory)!r}, format={self.format!r})"
+
+    async def send(self, item: Any) -> None:
+        """Write ``item`` as one complete file (see the class for the guarantee)."""
+        data = item.raw if isinstance(item, Record) else self.codec.encode(item)
+        self._n += 1
+        path = self.directory / f"{self.prefix}-{time.time_ns():020d}-{self._n:06d}.{self.format}"
+        await anyio.to_thread.run_sync(self._write, path, data)
+        self.written.append(path)
+
+    def _write(self, path: Path, data: Buffer) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: f.write(data), fsync=self.fsync)
