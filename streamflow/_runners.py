@@ -199,6 +199,7 @@ class FunctionRunner(Runner):
         if self.stage is not None:
             stage = self.stage
             stage.device = node.device
+            stage._workers = self.rt.pool
             await self._lifecycle(stage.setup, "setup")
             stack.push_async_callback(self._teardown)
         if node.kind == "sink" and hasattr(node.fn, "__aenter__"):

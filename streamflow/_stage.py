@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
+    from ._devices import WorkerPool
     from ._metrics import StageMetrics
 
 __all__ = ["Stage"]
@@ -25,6 +26,7 @@ class Stage(Generic[In, Out]):
     """
 
     device: str | None = None
+    _workers: WorkerPool | None = None  # the running flow's device workers (set by the runtime)
 
     def setup(self) -> Any:
         """Prepare (load a model, open a client). Called before the first item."""

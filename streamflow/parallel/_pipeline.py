@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .._channel import Channel
-from .._devices import Worker
+from .._devices import Worker, WorkerPool
 from .._errors import ChannelClosed
 from .._graph import Flow
 from .._io import iterate
@@ -216,13 +216,13 @@ class PipelinePart:
             raise ValueError(f"cuda_graphs=True needs CUDA devices, part {index} is on {target}")
 
     def prepare(self) -> None:
-        """On the part's own thread: pin intra-op threads, place the weights, make a stream."""
+        """On the part's device thread: set its intra-op threads, place the weights, make a
+        CUDA stream."""
         if self.is_cuda:
             torch.cuda.set_device(self.torch_device)
             self._stream = torch.cuda.Stream(self.torch_device)  # type: ignore[no-untyped-call]
         else:
             torch.set_num_threads(self.threads)
-        torch.set_grad_enabled(False)  # thread-local: this thread only ever runs inference
         self.module.to(self.torch_device).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,17 +279,24 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
         self.pipe = pipe
         self.name = name
         self.workers: list[Worker] = []
+        self._own: WorkerPool | None = None
         self.steps: list[Callable[[Any, BaseException | None], None]] = []
 
     async def setup(self) -> None:
-        self.workers = [Worker(f"{p.target}:{self.name}[{p.index}]") for p in self.pipe.parts]
+        """Place each part on its device's worker: the flow's own worker for that device
+        (shared with other stages pinned there) or, outside a flow, a private one."""
+        pool = self._workers
+        if pool is None:
+            pool = self._own = WorkerPool()
+        self.workers = [pool.get(p.target) for p in self.pipe.parts]
         for part, worker in zip(self.pipe.parts, self.workers, strict=True):
             part.counters = _Counters()
             await worker.run(part.prepare)
 
     async def teardown(self) -> None:
-        for worker in self.workers:
-            await worker.aclose()
+        if self._own is not None:
+            await self._own.aclose()
+            self._own = None
 
     def process(self, item: torch.Tensor) -> asyncio.Future[torch.Tensor]:
         """Start ``item`` on the first part's thread; the future resolves on the loop."""
@@ -330,7 +337,8 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
 
 def _timed(part: PipelinePart, x: torch.Tensor) -> torch.Tensor:
     t0 = time.perf_counter()
-    y = part.forward(x)
+    with torch.inference_mode():
+        y = part.forward(x)
     c = part.counters
     c.items_in += 1
     c.items_out += 1

@@ -184,3 +184,25 @@ async def test_cuda_parts(cuda_graphs: bool) -> None:
     )
     got = [y.cpu() for y in await run_flow(pipe, frames)]
     assert_same(got, reference(model, frames))
+
+
+async def test_parts_share_the_flows_device_workers() -> None:
+    seen: dict[str, set[str]] = {"part": set(), "stage": set()}
+
+    class Where(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen["part"].add(threading.current_thread().name)
+            return x
+
+    def post(y: torch.Tensor) -> torch.Tensor:
+        seen["stage"].add(threading.current_thread().name)
+        return y
+
+    model = nn.Sequential(nn.Linear(4, 4), Where())
+    pipe = sf.pipeline(model, ["cpu:1"], torch.randn(1, 4), partition=[2])
+    flow = sf.Flow("shared")
+    flow.source("s", [torch.randn(1, 4)] * 5).map("model", pipe).map(
+        "post", post, device="cpu:1"
+    ).sink("out", sf.collect())
+    await flow.run()
+    assert seen["part"] == seen["stage"] == {"streamflow-cpu:1"}
