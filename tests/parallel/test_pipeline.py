@@ -200,6 +200,7 @@ async def test_parts_share_the_flows_device_workers() -> None:
 
     model = nn.Sequential(nn.Linear(4, 4), Where())
     pipe = sf.pipeline(model, ["cpu:1"], torch.randn(1, 4), partition=[2])
+    seen["part"].clear()  # profiling ran the model on this thread
     flow = sf.Flow("shared")
     flow.source("s", [torch.randn(1, 4)] * 5).map("model", pipe).map(
         "post", post, device="cpu:1"
