@@ -308,6 +308,10 @@ class FunctionRunner(Runner):
                 window.append((msg, pending, t0))
             if not window:
                 return
+            head = window[0][1]
+            if not closed and len(window) < k and isinstance(head, asyncio.Future):
+                if not head.done() and await _first_of(head, inbox):
+                    continue  # an item arrived first: start it now, do not wait for the head
             msg, pending, t0 = window.popleft()
             try:
                 if isinstance(pending, _Raised):
@@ -495,6 +499,25 @@ class FunctionRunner(Runner):
             msg._done(Outcome.DEAD_LETTERED)
             return False, None
         raise StageError(self.name, msg.value, exc, flow=self.rt.name, meta=msg.meta) from exc
+
+
+async def _first_of(head: asyncio.Future[Any], inbox: Channel[Any]) -> bool:
+    """Wait until ``head`` is done or ``inbox`` has an item (or closes); True for the inbox."""
+    wake: asyncio.Future[None] = head.get_loop().create_future()
+
+    def done(_: object) -> None:
+        if not wake.done():
+            wake.set_result(None)
+
+    head.add_done_callback(done)
+    inbox._receivers.append(wake)
+    try:
+        await wake
+    finally:
+        head.remove_done_callback(done)
+        if wake in inbox._receivers:
+            inbox._receivers.remove(wake)
+    return not head.done()
 
 
 class _Raised:

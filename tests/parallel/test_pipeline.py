@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import pytest
@@ -207,3 +208,40 @@ async def test_parts_share_the_flows_device_workers() -> None:
     ).sink("out", sf.collect())
     await flow.run()
     assert seen["part"] == seen["stage"] == {"streamflow-cpu:1"}
+
+
+async def test_a_sample_enters_while_earlier_ones_are_still_inside() -> None:
+    """Each sample starts the moment it arrives, not when the one before it has left."""
+    import time
+
+    entered: list[float] = []
+    delay = [0.0]  # no sleeping while the pipeline profiles its layers
+
+    class Slow(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(delay[0])
+            return x
+
+    class Mark(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            entered.append(time.perf_counter())
+            return x
+
+    async def trickle() -> AsyncIterator[torch.Tensor]:
+        for _ in range(3):
+            yield torch.zeros(1, 2)
+            await asyncio.sleep(0.01)
+
+    pipe = sf.pipeline(
+        nn.Sequential(Mark(), Slow(), Slow()),
+        ["cpu:0", "cpu:1", "cpu:2"],
+        torch.zeros(1, 2),
+        partition=[1, 1, 1],
+    )
+    entered.clear()
+    delay[0] = 0.05
+    flow = sf.Flow("f")
+    flow.source("s", trickle()).map("model", pipe).sink("o", sf.collect())
+    await flow.run()
+    gaps = [b - a for a, b in zip(entered, entered[1:], strict=False)]
+    assert len(entered) == 3 and max(gaps) < 0.04  # not ~0.1 s, the pipeline's latency
