@@ -309,9 +309,14 @@ class FunctionRunner(Runner):
             if not window:
                 return
             head = window[0][1]
-            if not closed and len(window) < k and isinstance(head, asyncio.Future):
-                if not head.done() and await _first_of(head, inbox):
-                    continue  # an item arrived first: start it now, do not wait for the head
+            if (
+                not closed
+                and len(window) < k
+                and isinstance(head, asyncio.Future)
+                and not head.done()
+                and await _first_of(head, inbox)
+            ):
+                continue  # an item arrived first: start it now, do not wait for the head
             msg, pending, t0 = window.popleft()
             try:
                 if isinstance(pending, _Raised):
