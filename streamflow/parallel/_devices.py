@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+
+from .._devices import parse_device as _parse_any
 
 __all__ = ["check_devices", "is_cuda", "parse_device", "timing_class"]
 
-_DEVICE = re.compile(r"(cpu|cuda):(\d+)")
-
-
 def parse_device(name: str) -> tuple[str, int]:
-    """Split ``"cpu:N"``/``"cuda:N"`` into ``(kind, index)``; ``ValueError`` for anything else."""
-    match = _DEVICE.fullmatch(name) if isinstance(name, str) else None
-    if match is None:
+    """Split ``"cpu:N"``/``"cuda:N"`` into ``(kind, index)``; ``ValueError`` for anything else
+    (a plan places each stage on one numbered device, so a bare ``"cpu"`` is refused)."""
+    try:
+        kind, index = _parse_any(name)
+    except ValueError:
+        index = None
+    if index is None:
         raise ValueError(f"bad device name {name!r}: expected 'cpu:N' or 'cuda:N', e.g. 'cpu:0'")
-    return match.group(1), int(match.group(2))
+    return kind, index
 
 
 def check_devices(devices: Sequence[str]) -> tuple[str, ...]:
