@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-__all__ = ["Worker", "WorkerPool", "parse_device"]
+__all__ = ["Worker", "WorkerPool", "parse_device", "resolve_future"]
 
 T = TypeVar("T")
 _DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
@@ -97,7 +97,7 @@ class Worker:
         while True:
             fn, args, future, loop = self._jobs.get()
             if fn is _STOP:
-                loop.call_soon_threadsafe(_resolve, future, None, None)
+                loop.call_soon_threadsafe(resolve_future, future, None, None)
                 return
             if loop is None:  # submit(): the callback runs here, on this thread
                 try:
@@ -114,11 +114,12 @@ class Worker:
             except BaseException as exc:
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(_resolve, future, result, error)
+                loop.call_soon_threadsafe(resolve_future, future, result, error)
             del fn, args, future, result, error
 
 
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def resolve_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Set ``future``'s result or exception unless it was cancelled (run it on its loop)."""
     if future.cancelled():
         return
     if error is not None:

@@ -475,35 +475,30 @@ class FunctionRunner(Runner):
             policy = policy.then
         if policy == "skip":
             c.skipped += 1
-            log.warning(
-                "stage.error",
-                flow=self.rt.name,
-                stage=self.name,
-                policy="skip",
-                item=describe_item(msg.value),
-                meta=msg.meta,
-                attempts=attempts,
-                error=repr(exc),
-            )
+            self._handled("skip", msg, attempts, exc)
             msg._done(Outcome.SKIPPED)
             return False, None
         if isinstance(policy, DeadLetter):
             failed = FailedItem(self.rt.name, self.name, msg.value, msg.meta, exc, attempts)
             sink = policy.sink
             await (sink(failed) if callable(sink) else sink.send(failed))
-            log.warning(
-                "stage.error",
-                flow=self.rt.name,
-                stage=self.name,
-                policy="dead_letter",
-                item=describe_item(msg.value),
-                meta=msg.meta,
-                attempts=attempts,
-                error=repr(exc),
-            )
+            self._handled("dead_letter", msg, attempts, exc)
             msg._done(Outcome.DEAD_LETTERED)
             return False, None
         raise StageError(self.name, msg.value, exc, flow=self.rt.name, meta=msg.meta) from exc
+
+
+    def _handled(self, policy: str, msg: Message[Any], attempts: int, exc: Exception) -> None:
+        log.warning(
+            "stage.error",
+            flow=self.rt.name,
+            stage=self.name,
+            policy=policy,
+            item=describe_item(msg.value),
+            meta=msg.meta,
+            attempts=attempts,
+            error=repr(exc),
+        )
 
 
 async def _first_of(head: asyncio.Future[Any], inbox: Channel[Any]) -> bool:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .._channel import Channel
-from .._devices import Worker, WorkerPool
+from .._devices import Worker, WorkerPool, resolve_future
 from .._errors import ChannelClosed
 from .._graph import Flow
 from .._io import iterate
@@ -320,11 +320,11 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
                     f"{part.describe(self.name)}: {type(error).__name__}: {error}"
                 )
                 failure.__cause__ = error
-                loop.call_soon_threadsafe(_settle, future, None, failure)
+                loop.call_soon_threadsafe(resolve_future, future, None, failure)
             elif i + 1 < len(self.pipe.parts):
                 self._hand(i + 1, y, future, loop)
             else:
-                loop.call_soon_threadsafe(_settle, future, y, None)
+                loop.call_soon_threadsafe(resolve_future, future, y, None)
 
         self.workers[i].submit(_timed, (part, x), done)
 
@@ -344,12 +344,3 @@ def _timed(part: PipelinePart, x: torch.Tensor) -> torch.Tensor:
     c.items_out += 1
     c.record(time.perf_counter() - t0)
     return y
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
