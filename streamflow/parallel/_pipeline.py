@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -280,6 +281,8 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
         self.name = name
         self.workers: list[Worker] = []
         self._own: WorkerPool | None = None
+        self._ready: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
+        self._wake_pending = False
         self.steps: list[Callable[[Any, BaseException | None], None]] = []
 
     async def setup(self) -> None:
@@ -320,13 +323,33 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
                     f"{part.describe(self.name)}: {type(error).__name__}: {error}"
                 )
                 failure.__cause__ = error
-                loop.call_soon_threadsafe(resolve_future, future, None, failure)
+                self._deliver(loop, future, None, failure)
             elif i + 1 < len(self.pipe.parts):
                 self._hand(i + 1, y, future, loop)
             else:
-                loop.call_soon_threadsafe(resolve_future, future, y, None)
+                self._deliver(loop, future, y, None)
 
         self.workers[i].submit(_timed, (part, x), done)
+
+    def _deliver(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[torch.Tensor],
+        result: Any,
+        error: BaseException | None,
+    ) -> None:
+        """From a part's thread: queue a result; wake the loop only if no wake-up is pending,
+        so results that finish while the loop is busy are settled in one go."""
+        self._ready.append((future, result, error))
+        if not self._wake_pending:
+            self._wake_pending = True
+            loop.call_soon_threadsafe(self._settle_ready)
+
+    def _settle_ready(self) -> None:
+        self._wake_pending = False
+        ready = self._ready
+        while ready:
+            resolve_future(*ready.popleft())
 
     def sub_metrics(self) -> dict[str, StageMetrics]:
         return {
