@@ -25,13 +25,13 @@ __all__ = [
     "as_bytes",
 ]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 Buffer = bytes | bytearray | memoryview
 
 
 @runtime_checkable
-class Codec(Protocol[T]):
+class Codec(Protocol[_T]):
     """Turns values into bytes (``encode``) and back (``decode``).
 
     ``decode`` raises (any :class:`Exception`) on malformed input; it never returns a partial
@@ -40,9 +40,9 @@ class Codec(Protocol[T]):
 
     name: str
 
-    def encode(self, value: T, /) -> bytes: ...
+    def encode(self, value: _T, /) -> bytes: ...
 
-    def decode(self, raw: Buffer, /) -> T: ...
+    def decode(self, raw: Buffer, /) -> _T: ...
 
 
 def as_bytes(value: object) -> bytes:

@@ -11,7 +11,13 @@ from typing import Any
 import anyio
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+    UnknownProducerId,
+)
 
 import streamflow as sf
 
@@ -25,6 +31,9 @@ from ._security import Security
 __all__ = ["DeadLetterTopic", "KafkaMessage", "KafkaSink"]
 
 log = structlog.get_logger("streamflow")
+
+# the idempotent producer's state is lost (e.g. after a broker restart): start a new one
+_PRODUCER_LOST = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch, ProducerClosed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +92,7 @@ class KafkaSink:
         self.producer_options = producer_options
         self.sent = 0
         self._producer: AIOKafkaProducer | None = None
+        self._retired: list[AIOKafkaProducer] = []
         self._starting: asyncio.Lock | None = None
 
     def _what(self) -> str:
@@ -102,11 +112,11 @@ class KafkaSink:
         tb: TracebackType | None,
     ) -> None:
         """Flush what is queued and close the producer."""
-        producer, self._producer = self._producer, None
-        if producer is None:
-            return
+        producers = [p for p in (self._producer, *self._retired) if p is not None]
+        self._producer, self._retired = None, []
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
-            await producer.stop()
+            for producer in producers:
+                await producer.stop()
 
     async def _start(self) -> AIOKafkaProducer:
         if self._producer is not None:
@@ -171,16 +181,18 @@ class KafkaSink:
         headers: list[tuple[str, bytes]],
         partition: int | None,
     ) -> None:
-        producer = self._producer or await self._start()
         backoff: Backoff | None = None
         while True:
+            producer = self._producer or await self._start()
             try:
                 future = await producer.send(
                     topic, value, key=key, headers=headers or None, partition=partition
                 )
                 await future
             except KafkaError as exc:
-                if not exc.retriable:
+                if isinstance(exc, _PRODUCER_LOST) or producer is not self._producer:
+                    self._retire(producer, exc)
+                elif not exc.retriable:
                     raise ConnectorError(
                         f"{self._what()}: the broker rejected a record for {topic!r}: "
                         f"{type(exc).__name__}: {exc}"
@@ -193,6 +205,13 @@ class KafkaSink:
                 backoff.reset()
             self.sent += 1
             return
+
+    def _retire(self, producer: AIOKafkaProducer, error: KafkaError) -> None:
+        """Replace a producer whose idempotence state is gone; its records are sent again."""
+        if self._producer is producer:
+            self._producer = None
+            self._retired.append(producer)
+            log.warning("connector.producer_reset", connector=self._what(), error=repr(error))
 
 
 class DeadLetterTopic(KafkaSink):

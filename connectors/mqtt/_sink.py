@@ -104,6 +104,9 @@ class MqttSink:
         if client is not None:
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.__aexit__(None, None, None)
+            lost = client._disconnected  # read it, or asyncio logs "never retrieved"
+            if lost.done() and not lost.cancelled():
+                lost.exception()
 
     async def _connect(self) -> aiomqtt.Client:
         backoff = Backoff(self._what(), give_up_after=self.reconnect_timeout)
@@ -151,5 +154,7 @@ class MqttSink:
                     backoff = Backoff(self._what(), give_up_after=self.reconnect_timeout)
                 await backoff.wait(exc)
                 continue
+            if backoff is not None:
+                backoff.reset()
             self.sent += 1
             return

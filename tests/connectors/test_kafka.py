@@ -1,0 +1,288 @@
+"""KafkaSource and KafkaSink against the real broker: delivery, backpressure, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+import connectors
+import streamflow as sf
+from connectors.kafka import DeadLetterTopic, KafkaMessage, KafkaSink, KafkaSource, Security
+
+from ._kafka import committed, create_topic, produce, read_all
+from .conftest import ROOT
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _wait_for(predicate: Any, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def test_sink_then_source_round_trip_with_keys_and_headers(kafka: str, name: str) -> None:
+    await create_topic(kafka, name, partitions=2)
+    items: list[Any] = [{"n": i} for i in range(50)]
+    items.append(KafkaMessage({"n": 50}, key="special", headers=[("trace", b"t-1")]))
+    out = sf.Flow("produce")
+    sink = KafkaSink(name, kafka, codec=connectors.JSON, key=lambda v: str(v["n"] % 5))
+    out.source("items", items).sink("kafka", sink, concurrency=16)
+    await out.run()
+    assert sink.sent == 51
+
+    records: list[connectors.Record] = []
+    source = KafkaSource(name, name, kafka, codec=connectors.JSON)
+    flow = sf.Flow("consume")
+    flow.source("kafka", source).sink("out", sf.collect(records))
+    async with flow.start() as running:
+        await _wait_for(lambda: len(records) == 51)
+        await running.stop()
+    values = sorted((connectors.decode(r)["n"] for r in records))
+    assert values == list(range(51))
+    special = next(r for r in records if r.key == b"special")
+    assert special.headers == (("trace", b"t-1"),)
+    assert special.source == f"kafka:{name}" and set(special.position) == {
+        "topic",
+        "partition",
+        "offset",
+    }
+    assert {r.key for r in records if r is not special} == {b"0", b"1", b"2", b"3", b"4"}
+    # everything finished was committed when the source closed
+    assert sum(v or 0 for v in (await committed(kafka, name, name, 2)).values()) == 51
+    assert sum(source.stats.committed.values()) == 51
+
+
+async def test_kill_mid_stream_and_restart_loses_nothing(
+    kafka: str, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cancel the flow's task while it consumes 10,000 messages, start it again in the same
+    group: every message reaches the sink at least once."""
+    total = 10_000
+    await create_topic(kafka, name, partitions=3)
+    await produce(kafka, name, (str(i).encode() for i in range(total)))
+    seen: list[int] = []
+
+    def make_flow() -> tuple[sf.Flow, KafkaSource]:
+        source = KafkaSource(name, name, kafka, codec=connectors.JSON, max_pending=500)
+        flow = sf.Flow("consume")
+        flow.source("kafka", source).map("decode", connectors.decode).sink("out", sf.collect(seen))
+        return flow, source
+
+    flow, first = make_flow()
+    task = asyncio.create_task(flow.run())
+    await _wait_for(lambda: len(seen) >= 3000)
+    task.cancel()  # the kill
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    killed_at = len(seen)
+    assert killed_at < total, "the flow finished before it could be killed"
+
+    flow, second = make_flow()
+    async with flow.start() as running:
+        await _wait_for(lambda: len(set(seen)) == total, timeout=30)
+        await running.stop()
+    assert set(seen) == set(range(total))  # none lost
+    duplicates = len(seen) - total
+    with capsys.disabled():
+        print(
+            f"\n[kafka kill/restart] {total} messages, killed after {killed_at} delivered: "
+            f"{duplicates} duplicates on restart (first run committed "
+            f"{sum(first.stats.committed.values())}, acked {first.stats.acked}, "
+            f"fetched {first.stats.fetched})"
+        )
+    # only what was in flight when the flow was killed comes again
+    assert duplicates <= first.stats.fetched - first.stats.acked
+    assert sum(v or 0 for v in (await committed(kafka, name, name, 3)).values()) == total
+    assert second.stats.assignments == 1
+
+
+async def test_process_killed_with_sigkill_then_restarted_loses_nothing(
+    kafka: str, name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real crash: the consuming process gets SIGKILL (no final commit, no leaving the
+    group). A new member of the same group re-reads from the last periodic commit."""
+    total = 10_000
+    await create_topic(kafka, name, partitions=3)
+    await produce(kafka, name, (str(i).encode() for i in range(total)))
+    out = tmp_path / "child.txt"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.connectors._crash_child",
+        kafka,
+        name,
+        name,
+        str(out),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await _wait_for(lambda: out.exists() and out.stat().st_size > 15_000, timeout=30)
+    finally:
+        if child.returncode is None:
+            child.kill()
+        await child.wait()
+    assert child.returncode == -9, "the child ended before it was killed"
+    first = [int(line) for line in out.read_text().splitlines()]
+    assert 0 < len(first) < total
+
+    seen: list[int] = []
+    source = KafkaSource(name, name, kafka, codec=connectors.JSON, session_timeout_ms=6000)
+    flow = sf.Flow("restart")
+    flow.source("kafka", source).map("decode", connectors.decode).sink("out", sf.collect(seen))
+    async with flow.start() as running:
+        await _wait_for(lambda: len(set(first) | set(seen)) == total, timeout=40)
+        await running.stop()
+    assert set(first) | set(seen) == set(range(total))  # none lost
+    duplicates = len(first) + len(seen) - total
+    with capsys.disabled():
+        print(
+            f"\n[kafka SIGKILL/restart] {total} messages, process killed after {len(first)} "
+            f"written: {duplicates} duplicates on restart (redelivered since the last commit)"
+        )
+    assert duplicates == len(set(first) & set(seen))
+
+
+class _StallingSink:
+    """Stalls once for ``stall`` seconds on item ``at``; records everything."""
+
+    def __init__(self, at: int, stall: float) -> None:
+        self.at, self.stall = at, stall
+        self.items: list[Any] = []
+
+    async def send(self, item: Any) -> None:
+        if len(self.items) == self.at:
+            await asyncio.sleep(self.stall)
+        self.items.append(item)
+
+
+async def test_slow_sink_pauses_bounded_and_stays_in_group(kafka: str, name: str) -> None:
+    """A sink stalled for longer than max_poll_interval: the source pauses at max_pending
+    records, keeps polling, and keeps its partitions (no rebalance, no duplicates)."""
+    await create_topic(kafka, name, partitions=2)
+    await produce(kafka, name, (str(i).encode() for i in range(400)))
+    source = KafkaSource(
+        name,
+        name,
+        kafka,
+        max_pending=40,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+        max_poll_interval_ms=1500,
+    )
+    sink = _StallingSink(at=10, stall=3.0)
+    flow = sf.Flow("slow")
+    flow.source("kafka", source).map("decode", connectors.decode, capacity=4).sink(
+        "slow", sink, capacity=4
+    )
+    async with flow.start() as running:
+        await _wait_for(lambda: len(sink.items) == 400, timeout=30)
+        await running.stop()
+    stats = source.stats
+    assert sorted(int(v) for v in sink.items) == list(range(400))  # exactly once here
+    assert stats.pauses >= 1
+    assert stats.peak_pending <= 40
+    assert (stats.assignments, stats.revocations) == (1, 0)  # never left the group
+
+
+async def test_commit_never_skips_a_slow_message(kafka: str, name: str) -> None:
+    await create_topic(kafka, name)
+    await produce(kafka, name, (str(i).encode() for i in range(30)))
+    release = asyncio.Event()
+
+    async def work(record: connectors.Record) -> int:
+        n = int(connectors.decode(record))
+        if n == 5:
+            await release.wait()
+        return n
+
+    out: list[int] = []
+    source = KafkaSource(name, name, kafka, commit_interval=0.05)
+    flow = sf.Flow("unordered")
+    flow.source("kafka", source).map("work", work, concurrency=8, ordered=False).sink(
+        "out", sf.collect(out)
+    )
+    async with flow.start() as running:
+        await _wait_for(lambda: len(out) == 29)
+        await asyncio.sleep(0.3)  # several commit intervals with offset 5 still in flight
+        assert source.stats.committed.get((name, 0), 0) == 5
+        assert (await committed(kafka, name, name))[0] in (None, 5)
+        release.set()
+        await _wait_for(lambda: len(out) == 30)
+        await running.stop()
+    assert source.stats.committed[(name, 0)] == 30
+
+
+async def test_malformed_values_go_to_a_dead_letter_topic(kafka: str, name: str) -> None:
+    await create_topic(kafka, name)
+    values = [json.dumps({"n": i}).encode() for i in range(20)]
+    values[4] = b'{"n": 4'  # broken JSON
+    values[11] = b"\xff\xfe not json"
+    await produce(kafka, name, values)
+    dlq = f"{name}-dlq"
+    out: list[Any] = []
+    source = KafkaSource(name, name, kafka, codec=connectors.JSON)
+    flow = sf.Flow("bad")
+    flow.source("kafka", source).map(
+        "decode", connectors.decode, errors=sf.DeadLetter(DeadLetterTopic(dlq, kafka))
+    ).sink("out", sf.collect(out))
+    with capture_logs() as logs:
+        async with flow.start() as running:
+            await _wait_for(lambda: len(out) == 18)
+            await running.stop()
+    assert [v["n"] for v in out] == [i for i in range(20) if i not in (4, 11)]
+    assert source.stats.committed[(name, 0)] == 20  # the flow kept going past them
+    bad = [e for e in logs if e["event"] == "connector.bad_record"]
+    assert [(e["source"], e["partition"], e["offset"]) for e in bad] == [
+        (f"kafka:{name}", 0, 4),
+        (f"kafka:{name}", 0, 11),
+    ]
+    assert "JSONDecodeError" in bad[0]["reason"]
+    dead = await read_all(kafka, dlq, 2)
+    assert [d.value for d in dead] == [values[4], values[11]]
+    headers = dict(dead[0].headers)
+    assert b"JSONDecodeError" in headers["dlq.reason"]
+    assert json.loads(headers["dlq.position"]) == {"topic": name, "partition": 0, "offset": 4}
+    assert headers["dlq.stage"] == b"decode" and headers["dlq.flow"] == b"bad"
+    assert flow.metrics()["decode"].errors == 2
+
+
+async def test_unreachable_broker_fails_the_flow_with_a_clear_error(brokers: None) -> None:
+    source = KafkaSource("t", "g", "127.0.0.1:1", reconnect_timeout=0.5)
+    flow = sf.Flow("nowhere")
+    flow.source("kafka", source).sink("out", sf.collect())
+    t0 = time.monotonic()
+    with pytest.raises(sf.StageError) as info:
+        await flow.run()
+    assert isinstance(info.value.cause, connectors.BrokerUnavailable)
+    assert "kafka source kafka:t" in str(info.value) and "unreachable for" in str(info.value)
+    assert time.monotonic() - t0 < 10
+
+    sink = KafkaSink("t", "127.0.0.1:1", reconnect_timeout=0.5)
+    flow = sf.Flow("nowhere-out")
+    flow.source("n", [b"x"]).sink("kafka", sink)
+    with pytest.raises(sf.StageError, match="kafka sink t .*unreachable for"):
+        await flow.run()
+
+
+async def test_security_options_pass_through() -> None:
+    sasl = Security("SASL_SSL", mechanism="SCRAM-SHA-512", username="u", password="secret")
+    kwargs = sasl.client_kwargs()
+    assert kwargs["security_protocol"] == "SASL_SSL"
+    assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert kwargs["sasl_plain_username"] == "u" and kwargs["sasl_plain_password"] == "secret"
+    assert kwargs["ssl_context"] is not None
+    assert "secret" not in repr(sasl)
+    with pytest.raises(ValueError, match="needs a SASL mechanism"):
+        Security("SASL_PLAINTEXT")
+    with pytest.raises(ValueError, match="needs username and password"):
+        Security("SASL_PLAINTEXT", mechanism="PLAIN")
