@@ -34,14 +34,14 @@ async def produce(
 
 
 async def read_all(
-    bootstrap: str, topic: str, count: int, timeout: float = 20.0
+    bootstrap: str, topic: str, count: int, within: float = 20.0
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """The first ``count`` records of ``topic`` (no group, from the beginning)."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     await consumer.start()
     try:
         out: list[ConsumerRecord[bytes, bytes]] = []
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while len(out) < count:
                 for records in (await consumer.getmany(timeout_ms=200)).values():
                     out.extend(records)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,9 @@ from connectors.files import (
     TensorFileSource,
 )
 
+from ._wait import until
+
 pytestmark = pytest.mark.asyncio
-
-
-async def _until(predicate: Any, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def _append(path: Path, data: bytes) -> None:
@@ -114,12 +109,12 @@ async def test_follow_mode_reads_appended_lines_and_never_half_a_line(tmp_path: 
     async with flow.start() as running:
         await asyncio.sleep(0.1)  # the file does not exist yet: the source waits for it
         _append(path, b"one\ntwo\n")
-        await _until(lambda: out == ["one", "two"])
+        await until(lambda: out == ["one", "two"])
         _append(path, b"thr")  # a writer in the middle of a line
         await asyncio.sleep(0.15)
         assert out == ["one", "two"]
         _append(path, b"ee\n")
-        await _until(lambda: out == ["one", "two", "three"])
+        await until(lambda: out == ["one", "two", "three"])
         await running.stop()
     assert source.position == FilePosition(14, 3)
 
@@ -139,7 +134,7 @@ async def test_resume_from_a_checkpoint_after_a_stop(tmp_path: Path) -> None:
         "decode", connectors.decode
     ).map("take", take).sink("out", sf.collect(seen))
     task = asyncio.create_task(flow.run())
-    await _until(lambda: len(seen) == 40)
+    await until(lambda: len(seen) == 40)
     task.cancel()  # killed with item 40 in flight
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -206,10 +201,10 @@ async def test_tensor_files_written_whole_and_followed(tmp_path: Path) -> None:
     flow = sf.Flow("r")
     flow.source("dir", source).map("decode", connectors.decode).sink("out", sf.collect(out))
     async with flow.start() as running:
-        await _until(lambda: len(out) == 4)
+        await until(lambda: len(out) == 4)
         late = TensorFileSink(directory, prefix="weights")  # sorts after what was read
         await late.send(np.arange(4, dtype=np.int16))
-        await _until(lambda: len(out) == 5)
+        await until(lambda: len(out) == 5)
         await running.stop()
     assert [float(t[0, 0]) for t in out[:3]] == [0.0, 1.0, 2.0]
     assert isinstance(out[3], dict) and torch.equal(out[3]["w"], torch.eye(2))
@@ -245,4 +240,4 @@ async def test_appends_are_single_writes_of_whole_lines(tmp_path: Path) -> None:
         await asyncio.gather(*(sinks[i % 2].send(f"{i}:" + "x" * 5000) for i in range(200)))
     lines = path.read_text().splitlines()
     assert len(lines) == 200 and all(line.endswith("x" * 5000) for line in lines)
-    assert os.path.getsize(path) == sum(len(line) + 1 for line in lines)
+    assert len(path.read_bytes()) == sum(len(line) + 1 for line in lines)

@@ -17,15 +17,10 @@ import streamflow as sf
 from connectors.kafka import DeadLetterTopic, KafkaMessage, KafkaSink, KafkaSource, Security
 
 from ._kafka import committed, create_topic, produce, read_all
+from ._wait import until
 from .conftest import ROOT
 
 pytestmark = pytest.mark.asyncio
-
-
-async def _wait_for(predicate: Any, timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def test_sink_then_source_round_trip_with_keys_and_headers(kafka: str, name: str) -> None:
@@ -43,9 +38,9 @@ async def test_sink_then_source_round_trip_with_keys_and_headers(kafka: str, nam
     flow = sf.Flow("consume")
     flow.source("kafka", source).sink("out", sf.collect(records))
     async with flow.start() as running:
-        await _wait_for(lambda: len(records) == 51)
+        await until(lambda: len(records) == 51)
         await running.stop()
-    values = sorted((connectors.decode(r)["n"] for r in records))
+    values = sorted(connectors.decode(r)["n"] for r in records)
     assert values == list(range(51))
     special = next(r for r in records if r.key == b"special")
     assert special.headers == (("trace", b"t-1"),)
@@ -78,7 +73,7 @@ async def test_kill_mid_stream_and_restart_loses_nothing(
 
     flow, first = make_flow()
     task = asyncio.create_task(flow.run())
-    await _wait_for(lambda: len(seen) >= 3000)
+    await until(lambda: len(seen) >= 3000)
     task.cancel()  # the kill
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -87,7 +82,7 @@ async def test_kill_mid_stream_and_restart_loses_nothing(
 
     flow, second = make_flow()
     async with flow.start() as running:
-        await _wait_for(lambda: len(set(seen)) == total, timeout=30)
+        await until(lambda: len(set(seen)) == total, within=30)
         await running.stop()
     assert set(seen) == set(range(total))  # none lost
     duplicates = len(seen) - total
@@ -126,7 +121,7 @@ async def test_process_killed_with_sigkill_then_restarted_loses_nothing(
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await _wait_for(lambda: out.exists() and out.stat().st_size > 15_000, timeout=30)
+        await until(lambda: out.exists() and out.stat().st_size > 15_000, within=30)
     finally:
         if child.returncode is None:
             child.kill()
@@ -140,7 +135,7 @@ async def test_process_killed_with_sigkill_then_restarted_loses_nothing(
     flow = sf.Flow("restart")
     flow.source("kafka", source).map("decode", connectors.decode).sink("out", sf.collect(seen))
     async with flow.start() as running:
-        await _wait_for(lambda: len(set(first) | set(seen)) == total, timeout=40)
+        await until(lambda: len(set(first) | set(seen)) == total, within=40)
         await running.stop()
     assert set(first) | set(seen) == set(range(total))  # none lost
     duplicates = len(first) + len(seen) - total
@@ -185,7 +180,7 @@ async def test_slow_sink_pauses_bounded_and_stays_in_group(kafka: str, name: str
         "slow", sink, capacity=4
     )
     async with flow.start() as running:
-        await _wait_for(lambda: len(sink.items) == 400, timeout=30)
+        await until(lambda: len(sink.items) == 400, within=30)
         await running.stop()
     stats = source.stats
     assert sorted(int(v) for v in sink.items) == list(range(400))  # exactly once here
@@ -212,12 +207,12 @@ async def test_commit_never_skips_a_slow_message(kafka: str, name: str) -> None:
         "out", sf.collect(out)
     )
     async with flow.start() as running:
-        await _wait_for(lambda: len(out) == 29)
+        await until(lambda: len(out) == 29)
         await asyncio.sleep(0.3)  # several commit intervals with offset 5 still in flight
         assert source.stats.committed.get((name, 0), 0) == 5
         assert (await committed(kafka, name, name))[0] in (None, 5)
         release.set()
-        await _wait_for(lambda: len(out) == 30)
+        await until(lambda: len(out) == 30)
         await running.stop()
     assert source.stats.committed[(name, 0)] == 30
 
@@ -237,7 +232,7 @@ async def test_malformed_values_go_to_a_dead_letter_topic(kafka: str, name: str)
     ).sink("out", sf.collect(out))
     with capture_logs() as logs:
         async with flow.start() as running:
-            await _wait_for(lambda: len(out) == 18)
+            await until(lambda: len(out) == 18)
             await running.stop()
     assert [v["n"] for v in out] == [i for i in range(20) if i not in (4, 11)]
     assert source.stats.committed[(name, 0)] == 20  # the flow kept going past them

@@ -12,8 +12,8 @@ import connectors
 import streamflow as sf
 from connectors.kafka import KafkaSink, KafkaSource
 
-from .conftest import ROOT
 from ._kafka import create_topic
+from .conftest import ROOT
 
 pytestmark = pytest.mark.asyncio
 

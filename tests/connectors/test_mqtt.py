@@ -13,15 +13,10 @@ import connectors
 import streamflow as sf
 from connectors.mqtt import MqttMessage, MqttSink, MqttSource
 
+from ._wait import until
 from .conftest import broker_script
 
 pytestmark = pytest.mark.asyncio
-
-
-async def _until(predicate: Any, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def _publish(port: int, items: list[Any], **options: Any) -> MqttSink:
@@ -48,7 +43,7 @@ async def test_wildcards_and_qos1_round_trip(mqtt_port: int, name: str) -> None:
             ]
             + [MqttMessage(f"{name}/a/humidity", {"not": "matched"})],
         )
-        await _until(lambda: len(out) == 40)
+        await until(lambda: len(out) == 40)
         await asyncio.sleep(0.05)
         await running.stop()
     assert sink.sent == 41
@@ -77,7 +72,7 @@ async def test_qos1_unfinished_messages_come_again_after_a_kill(mqtt_port: int, 
     task = asyncio.create_task(flow.run())
     await source.wait_subscribed()
     await _publish(mqtt_port, [{"i": i} for i in range(30)], topic=topic)
-    await _until(lambda: len(first) >= 8)
+    await until(lambda: len(first) >= 8)
     await asyncio.sleep(0.1)
     task.cancel()  # killed with message 5 stuck
     with pytest.raises(asyncio.CancelledError):
@@ -90,7 +85,7 @@ async def test_qos1_unfinished_messages_come_again_after_a_kill(mqtt_port: int, 
     flow = sf.Flow("second")
     flow.source("mqtt", again).map("decode", connectors.decode).sink("out", sf.collect(second))
     async with flow.start() as running:
-        await _until(lambda: {v["i"] for v in second} >= set(range(5, 30)))
+        await until(lambda: {v["i"] for v in second} >= set(range(5, 30)))
         await running.stop()
     assert set(first) | {v["i"] for v in second} == set(range(30))
     assert not {v["i"] for v in second} & set(range(5))  # acked ones do not come back
@@ -113,9 +108,9 @@ async def test_qos0_drops_and_counts_when_the_flow_falls_behind(mqtt_port: int, 
         async with flow.start() as running:
             await source.wait_subscribed()
             await _publish(mqtt_port, list(range(200)), topic=f"{name}/fast", qos=0)
-            await _until(lambda: source.stats.received == 200)
+            await until(lambda: source.stats.received == 200)
             release.set()
-            await _until(lambda: len(out) == 200 - source.stats.dropped)
+            await until(lambda: len(out) == 200 - source.stats.dropped)
             await running.stop()
     assert source.stats.dropped >= 150  # the buffer stayed at 5: the rest was dropped
     assert any(e["event"] == "connector.dropped" for e in logs)
@@ -135,7 +130,7 @@ async def test_malformed_payload_is_skipped_with_its_topic(mqtt_port: int, name:
             async with raw:
                 for payload in (b'{"t": 1}', b'{"t": ', b'{"t": 3}'):
                     await raw.send(payload)
-            await _until(lambda: len(out) == 2)
+            await until(lambda: len(out) == 2)
             await running.stop()
     assert out == [{"t": 1}, {"t": 3}]
     bad = next(e for e in logs if e["event"] == "connector.bad_record")
@@ -155,16 +150,16 @@ async def test_broker_restart_reconnects_source_and_sink(mqtt_port: int, name: s
             await source.wait_subscribed()
             for i in range(10):
                 await sink.send(i)
-            await _until(lambda: len(got) == 10)
+            await until(lambda: len(got) == 10)
             broker_script("mosquitto", "stop")
             sending = asyncio.create_task(_send_all(sink, range(10, 20)))
             await asyncio.sleep(0.5)
             broker_script("mosquitto", "start")
             await asyncio.wait_for(sending, 20)  # the sink reconnected and published them
-            await _until(lambda: source.stats.connects == 2 and source._connected.is_set())
+            await until(lambda: source.stats.connects == 2 and source._connected.is_set())
             for i in range(20, 30):
                 await sink.send(i)
-            await _until(lambda: set(range(20, 30)) <= set(got))
+            await until(lambda: set(range(20, 30)) <= set(got))
             await running.stop()
     assert sink.sent == 30
     assert set(range(10)) <= set(got)

@@ -18,13 +18,9 @@ import streamflow as sf
 from connectors.sockets import ClientSink, ClientSource, ServerSink, ServerSource
 from connectors.tensors import TENSOR, TensorCodec
 
+from ._wait import until
+
 pytestmark = pytest.mark.asyncio
-
-
-async def _until(predicate: Any, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def _frame(payload: bytes) -> bytes:
@@ -51,7 +47,7 @@ async def test_tensors_over_tcp_arrive_whole_and_without_copies() -> None:
         sender = sf.Flow("send")
         sender.source("tensors", [*small, big]).sink("tcp", ClientSink(port=port, codec=TENSOR))
         await sender.run()
-        await _until(lambda: len(records) == 101)
+        await until(lambda: len(records) == 101)
         await running.stop()
     out = [connectors.decode(r) for r in records]
     assert all(torch.equal(a, b) for a, b in zip(out[:100], small, strict=True))
@@ -79,7 +75,7 @@ async def test_unix_socket_server_and_client_with_json() -> None:
                 "unix", ClientSink(path=path, codec=connectors.JSON)
             )
             await sender.run()
-            await _until(lambda: len(out) == 20)
+            await until(lambda: len(out) == 20)
             await running.stop()
         assert out == [{"i": i} for i in range(20)]
         assert not path.exists()  # the server removed its socket file
@@ -103,7 +99,7 @@ async def test_malformed_frames_are_skipped_and_logged_and_the_flow_goes_on() ->
             await _raw_client(port, _frame(good) + struct.pack(">I", 1 << 20) + b"x" * 100)
             await _raw_client(port, _frame(good) + struct.pack(">I", 500) + b"y" * 10)
             await _raw_client(port, _frame(good))
-            await _until(lambda: running.metrics()["decode"].items_in == 8)
+            await until(lambda: running.metrics()["decode"].items_in == 8)
             await running.stop()
     assert len(out) == 5 and all(torch.equal(t, torch.ones(4)) for t in out)
     m = flow.metrics()["decode"]
@@ -126,12 +122,12 @@ async def test_connection_limit_refuses_extra_clients() -> None:
         async with flow.start() as running:
             _, port = await source.wait_listening()  # type: ignore[misc]
             conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-            await _until(lambda: source.refused == 1)
+            await until(lambda: source.refused == 1)
             third_reader = conns[2][0]
             assert await third_reader.read() == b""  # closed by the server
             conns[0][1].write(_frame(b"hello"))
             await conns[0][1].drain()
-            await _until(lambda: len(out) == 1)
+            await until(lambda: len(out) == 1)
             for _, writer in conns:
                 writer.close()
                 await writer.wait_closed()
@@ -172,7 +168,7 @@ async def test_a_slow_flow_stops_reading_so_tcp_pushes_back_on_the_sender() -> N
         await asyncio.wait_for(pumping, 30)
         writer.close()
         await writer.wait_closed()
-        await _until(lambda: running.metrics()["out"].items_out == 2000, timeout=30)
+        await until(lambda: running.metrics()["out"].items_out == 2000, within=30)
         await running.stop()
 
 
@@ -189,7 +185,7 @@ async def test_server_sink_broadcasts_to_a_client_source() -> None:
         task = asyncio.create_task(flow.run())
         for i in range(10):
             await sink.send(torch.full((2,), float(i)))
-        await _until(lambda: len(received) == 10)
+        await until(lambda: len(received) == 10)
     await asyncio.wait_for(task, 10)  # the server closed: the client source ended
     assert [float(a[0]) for a in received] == [float(i) for i in range(10)]
 
