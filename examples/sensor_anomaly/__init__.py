@@ -1,0 +1,1 @@
+"""Sensor anomaly detection: MQTT -> windows -> torch autoencoder on cpu:0 -> Kafka."""
