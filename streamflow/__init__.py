@@ -37,13 +37,18 @@ from ._runtime import RunningFlow as RunningFlow
 from ._stage import Stage as Stage
 
 if _TYPE_CHECKING:
+    from .parallel import OnlineTrainer as OnlineTrainer
     from .parallel import Pipeline as Pipeline
     from .parallel import pipeline as pipeline
 
 __version__ = "0.1.0"
 
 # Names that need torch, imported on first use so that `import streamflow` stays light.
-_LAZY = {"pipeline": "streamflow.parallel", "Pipeline": "streamflow.parallel"}
+_LAZY = {
+    "pipeline": "streamflow.parallel",
+    "Pipeline": "streamflow.parallel",
+    "OnlineTrainer": "streamflow.parallel",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -67,6 +72,7 @@ __all__ = [
     "FlowDescription",
     "GraphError",
     "Message",
+    "OnlineTrainer",
     "Outcome",
     "Overflow",
     "Pipeline",

@@ -1,4 +1,4 @@
-"""Layer-wise pipeline partitioning: split a model, profile its layers, plan stages.
+"""Layer-wise pipeline partitioning, pipelined inference and online training over the pipeline.
 
 Typical use::
 
@@ -13,17 +13,21 @@ from ._layers import named_layers, split_layers
 from ._pipeline import Pipeline, PipelineError, PipelinePart, pipeline
 from ._plan import Objective, Plan, StagePlan, plan
 from ._profile import profile
+from ._training import OnlineTrainer, TrainerMetrics, TrainingError
 
 __all__ = [
     "HandoffModel",
     "LayerProfile",
     "Objective",
+    "OnlineTrainer",
     "Pipeline",
     "PipelineError",
     "PipelinePart",
     "Plan",
     "Profile",
     "StagePlan",
+    "TrainerMetrics",
+    "TrainingError",
     "named_layers",
     "pipeline",
     "plan",

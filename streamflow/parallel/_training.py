@@ -1,0 +1,444 @@
+"""Online training over a pipeline: a model split over device threads learns while the stream
+flows, under a schedule chosen by name (see ``_schedules.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import torch
+from torch import nn
+
+from .._devices import Worker, resolve_future
+from .._metrics import StageMetrics, _Counters
+from .._stage import Stage
+from ._layers import named_layers
+from ._pipeline import _resolve_devices
+from ._plan import Objective, Plan, StagePlan, plan
+from ._profile import profile
+from ._schedules import SCHEDULES, Job, Schedule
+from ._trainpart import OptimizerFactory, TrainPart
+
+if TYPE_CHECKING:
+    from .._channel import Overflow
+    from .._graph import Stream
+    from .._policy import ErrorPolicy
+
+__all__ = ["OnlineTrainer", "TrainerMetrics", "TrainingError"]
+
+ScheduleName = Literal["sync", "partime", "nf1b"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TrainingError(Exception):
+    """A layer, the loss or an optimizer raised inside a trainer part; the message names the
+    part, its layers and device, and ``__cause__`` is the original exception. The trainer's
+    state is then undefined, so every later item of that run fails with the same error."""
+
+
+@dataclass(frozen=True)
+class TrainerMetrics:
+    """A snapshot of an :class:`OnlineTrainer`, over every run since it was created.
+
+    ``samples`` counts rows (an item ``(x, y)`` holds ``x.shape[0]`` rows), ``items``
+    stream items. ``loss`` is the mean loss of the last ``window`` items. ``accuracy`` is
+    the prequential accuracy (each prediction made before learning from its label) over all
+    rows, ``recent_accuracy`` over the rows of the last ``window`` items; both are ``None``
+    unless ``y`` holds class indices. Per part: ``updates`` (optimizer steps),
+    ``staleness`` (the largest number of weight versions between the oldest forward behind
+    an update and that update), ``staleness_bound`` (the schedule's stated steady-state
+    staleness), ``activation_bytes`` (peak bytes of saved activations held),
+    ``weight_bytes`` and ``weight_versions`` (copies of the weights kept).
+    """
+
+    schedule: str
+    samples: int
+    items: int
+    loss: float | None
+    accuracy: float | None
+    recent_accuracy: float | None
+    updates: tuple[int, ...]
+    staleness: tuple[int, ...]
+    staleness_bound: tuple[int, ...]
+    activation_bytes: tuple[int, ...]
+    weight_bytes: tuple[int, ...]
+    weight_versions: tuple[int, ...]
+
+    @property
+    def peak_bytes(self) -> int:
+        """Activations at their per-part peaks plus every weight version held."""
+        weights = sum(b * v for b, v in zip(self.weight_bytes, self.weight_versions, strict=True))
+        return sum(self.activation_bytes) + weights
+
+
+class _Tally:
+    """Prequential counters, written on the last part's thread."""
+
+    def __init__(self, window: int) -> None:
+        self.samples = 0
+        self.items = 0
+        self.correct = 0
+        self.classified = 0
+        self.recent: deque[tuple[float, int, int]] = deque(maxlen=window)  # loss, hits, rows
+
+    def add(self, pred: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, rows: int) -> None:
+        self.items += 1
+        self.samples += rows
+        hits = classified = 0
+        if not y.is_floating_point() and pred.dim() >= 1 and y.shape == pred.shape[:-1]:
+            hits, classified = int((pred.argmax(-1) == y).sum()), max(1, y.numel())
+            self.correct += hits
+            self.classified += classified
+        self.recent.append((float(loss), hits, classified))
+
+
+class OnlineTrainer:
+    """A model split over devices that learns from a stream of ``(x, y)`` pairs.
+
+    Use it as a flow stage: ``stream.map("learn", trainer)``. For each ``(x, y)`` it emits
+    the model's output for ``x`` computed *before* any update that used ``y``
+    (prequential), then learns from the pair under ``schedule``:
+
+    - ``"sync"``: micro-batches with a flush; exactly sequential training on mini-batches
+      of ``microbatches`` items. Staleness 0.
+    - ``"partime"``: every part steps on every sample; part ``s`` of ``S`` applies a
+      gradient ``2(S-1-s)`` ticks (samples) old. ``microbatches`` is not used.
+    - ``"nf1b"``: TiMePReSt, ``microbatches`` pipelined forwards then one backward on the
+      latest weights; weight-version gap ``floor((S + N - 2 - s) / N)`` at part ``s``.
+
+    ``model``: an ``nn.Sequential``, a list of modules or an ``fx``-traceable module (see
+    :func:`streamflow.parallel.named_layers`); the trainer shares (and trains) its
+    parameters. ``partition``: ``"auto"`` profiles the layers on ``example`` and plans the
+    cut points (it may use fewer parts than devices); a list gives the layers per part (no
+    profiling; deterministic); a :class:`Plan` is used as it is. ``optimizer(params)`` is
+    called once per part with that part's parameters. ``loss_fn(output, y)`` returns the
+    mean loss over the rows of a batch (PyTorch's default reduction). ``capacity`` is how
+    many items may wait per part. Parts appear in flow metrics as ``name[0]``, ...
+    A trainer runs in one flow at a time; its weights and optimizer state carry over from
+    one run to the next.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Sequence[nn.Module],
+        devices: Sequence[str] | Literal["auto"] = "auto",
+        example: torch.Tensor | None = None,
+        *,
+        loss_fn: LossFn,
+        optimizer: OptimizerFactory,
+        schedule: ScheduleName = "partime",
+        microbatches: int = 4,
+        partition: Literal["auto"] | Sequence[int] | Plan = "auto",
+        objective: Objective = "throughput",
+        capacity: int = 2,
+        window: int = 100,
+    ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        for label, value in (("microbatches", microbatches), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be an int >= 1, got {value!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        if not callable(loss_fn) or not callable(optimizer):
+            raise TypeError("loss_fn and optimizer must be callables")
+        self._whole = model if isinstance(model, nn.Module) else nn.Sequential(*model)
+        devs = _resolve_devices(devices)
+        layers = named_layers(model, example)
+        self.plan = _choose_plan(layers, devs, example, partition, objective)
+        cpu_parts = sum(1 for s in self.plan.stages if s.device.startswith("cpu"))
+        threads = max(1, (os.cpu_count() or 1) // max(1, cpu_parts))
+        modules = [m for _, m in layers]
+        _check_no_shared_parameters(modules, self.plan)
+        self.parts = [
+            TrainPart(
+                nn.Sequential(*modules[s.layer_start : s.layer_end]),
+                s.device,
+                index=i,
+                layers=(s.layer_start, s.layer_end),
+                threads=threads,
+                optimizer=optimizer,
+            )
+            for i, s in enumerate(self.plan.stages)
+        ]
+        self.schedule: Schedule = SCHEDULES[schedule](self.parts, microbatches)
+        self.loss_fn = loss_fn
+        self.in_flight = capacity * len(self.parts) + microbatches
+        self._tally = _Tally(window)
+        self._running = False
+
+    def __repr__(self) -> str:
+        devices = ", ".join(p.target for p in self.parts)
+        return f"<OnlineTrainer {self.schedule.name!r}, {len(self.parts)} parts on {devices}>"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict without learning, running the parts in turn on the calling thread (not
+        while the trainer runs in a flow)."""
+        with torch.no_grad():
+            for part in self.parts:
+                x = part.module(x.to(part.torch_device))
+        return x
+
+    def metrics(self) -> TrainerMetrics:
+        """Prequential loss and accuracy, and per-part updates, staleness and memory."""
+        tally, parts = self._tally, self.parts
+        recent = list(tally.recent)
+        recent_rows = sum(r for _, _, r in recent)
+        return TrainerMetrics(
+            schedule=self.schedule.name,
+            samples=tally.samples,
+            items=tally.items,
+            loss=sum(loss for loss, _, _ in recent) / len(recent) if recent else None,
+            accuracy=tally.correct / tally.classified if tally.classified else None,
+            recent_accuracy=sum(h for _, h, _ in recent) / recent_rows if recent_rows else None,
+            updates=tuple(p.version for p in parts),
+            staleness=tuple(p.staleness for p in parts),
+            staleness_bound=tuple(self.schedule.staleness_bound(p.index) for p in parts),
+            activation_bytes=tuple(p.peak_bytes for p in parts),
+            weight_bytes=tuple(p.weight_bytes for p in parts),
+            weight_versions=tuple(1 for _ in parts),
+        )
+
+    def model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """A copy of the trained model, whole, on ``device`` (not while it runs in a flow)."""
+        return copy.deepcopy(self._whole).to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The model's weights (CPU copies, keyed like ``model().state_dict()``) and each
+        part's optimizer state."""
+        weights = {k: v.detach().cpu().clone() for k, v in self._whole.state_dict().items()}
+        return {
+            "model": weights,
+            "optimizers": [
+                None if p.optimizer is None else p.optimizer.state_dict() for p in self.parts
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load :meth:`state_dict` output, or a plain model ``state_dict`` (weights only)."""
+        if isinstance(state.get("model"), Mapping) and "optimizers" in state:
+            self._whole.load_state_dict(state["model"])
+            optimizers = state["optimizers"]
+            if len(optimizers) != len(self.parts):
+                raise ValueError(
+                    f"the state has {len(optimizers)} optimizers, the trainer {len(self.parts)} parts"
+                )
+            for part, opt_state in zip(self.parts, optimizers, strict=True):
+                if part.optimizer is not None and opt_state is not None:
+                    part.optimizer.load_state_dict(opt_state)
+        else:
+            self._whole.load_state_dict(state)
+
+    def __streamflow_expand__(
+        self,
+        stream: Stream[Any],
+        name: str,
+        *,
+        capacity: int,
+        overflow: Overflow,
+        errors: ErrorPolicy,
+    ) -> Stream[Any]:
+        return stream.map(
+            name,
+            _TrainerStage(self, name),
+            capacity=capacity,
+            overflow=overflow,
+            errors=errors,
+            concurrency=self.in_flight,
+        )
+
+
+def _choose_plan(
+    layers: list[tuple[str, nn.Module]],
+    devs: list[str],
+    example: torch.Tensor | None,
+    partition: Literal["auto"] | Sequence[int] | Plan,
+    objective: Objective,
+) -> Plan:
+    if isinstance(partition, Plan):
+        if partition.stages[-1].layer_end != len(layers):
+            raise ValueError(
+                f"the plan covers {partition.stages[-1].layer_end} layers, "
+                f"the model has {len(layers)}"
+            )
+        return partition
+    if partition == "auto":
+        if example is None:
+            raise ValueError(
+                "OnlineTrainer needs example= (one input batch) to profile the layers; "
+                "or pass partition=[layers per part] or a Plan"
+            )
+        return plan(profile([m for _, m in layers], example, devs), devs, objective)
+    sizes = list(partition)
+    if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
+        raise ValueError(f"partition must be a non-empty list of positive ints, got {partition!r}")
+    if sum(sizes) != len(layers):
+        raise ValueError(
+            f"partition {sizes} covers {sum(sizes)} layers, the model has {len(layers)}"
+        )
+    if len(sizes) > len(devs):
+        raise ValueError(f"partition has {len(sizes)} parts but only {len(devs)} devices are given")
+    stages, start = [], 0
+    for device, size in zip(devs, sizes, strict=False):
+        names = [n for n, _ in layers[start : start + size]]
+        stages.append(StagePlan(device, start, start + size, names, math.nan, math.nan, 0))
+        start += size
+    return Plan(stages, math.nan, math.nan, objective)  # explicit: not profiled
+
+
+def _check_no_shared_parameters(modules: list[nn.Module], chosen: Plan) -> None:
+    owner: dict[int, int] = {}
+    for i, s in enumerate(chosen.stages):
+        for module in modules[s.layer_start : s.layer_end]:
+            for p in module.parameters():
+                j = owner.setdefault(id(p), i)
+                if j != i:
+                    raise ValueError(
+                        f"parts {j} and {i} share a parameter (tied weights); "
+                        "choose a partition that keeps the layers sharing it in one part"
+                    )
+
+
+class _TrainerStage(Stage[Any, torch.Tensor]):
+    """The flow stage behind ``stream.map(name, trainer)``: feeds the part threads and
+    resolves each item's future with its prediction."""
+
+    def __init__(self, trainer: OnlineTrainer, name: str) -> None:
+        self.trainer = trainer
+        self.name = name
+        self.parts = trainer.parts
+        self.schedule = trainer.schedule
+        self.workers: list[Worker] = []
+        self.futures: dict[int, asyncio.Future[torch.Tensor]] = {}
+        self.failure: TrainingError | None = None
+        self.closing = False
+        self.k = 0
+        self.ready: deque[tuple[int, torch.Tensor]] = deque()  # predictions to settle
+        self.wakeup = False  # a _settle call is scheduled on the loop
+
+    async def setup(self) -> None:
+        trainer = self.trainer
+        if trainer._running:
+            raise RuntimeError("this OnlineTrainer already runs in a flow; use one at a time")
+        trainer._running = True
+        self.loop = asyncio.get_running_loop()
+        self.done = [self._on_done(part) for part in self.parts]
+        self.workers = [Worker(f"{p.target}:{self.name}[{p.index}]") for p in self.parts]
+        try:
+            for part, worker in zip(self.parts, self.workers, strict=True):
+                part.counters = _Counters()
+                await worker.run(part.prepare)
+        except BaseException:  # no teardown follows a failed setup: release here
+            await self._close()
+            raise
+        self.schedule.begin(self._hand, self._finish)
+
+    async def teardown(self) -> None:
+        flushed = self.failure is None and not self.futures
+        try:
+            if flushed:
+                for s in reversed(range(len(self.parts))):
+                    await self.workers[s].run(self.schedule.flush, s)
+        finally:
+            await self._close()
+        if flushed and self.failure is not None:
+            raise self.failure
+
+    async def _close(self) -> None:
+        self.closing = True
+        with anyio.CancelScope(shield=True):
+            for worker in self.workers:
+                await worker.aclose()
+        self.trainer._running = False
+
+    def process(self, item: Any) -> asyncio.Future[torch.Tensor]:
+        """Start ``item`` on the first part's thread; the future resolves on the loop."""
+        if self.failure is not None:
+            raise self.failure
+        x, y = _pair(item)
+        rows = int(x.shape[0]) if x.dim() > 1 else 1
+        future: asyncio.Future[torch.Tensor] = self.loop.create_future()
+        self.futures[self.k] = future
+        self._hand(0, self.schedule.forward, 0, Job(self.k, x, y, rows))
+        self.k += 1
+        return future
+
+    def _hand(self, s: int, fn: Callable[..., None], *args: Any) -> None:
+        if not self.closing:
+            self.workers[s].submit(_timed, (self.parts[s], fn, args), self.done[s])
+
+    def _finish(self, job: Job, out: torch.Tensor) -> torch.Tensor:
+        """On the last part's thread: emit the prediction, then return the loss."""
+        pred = out.detach()
+        self.ready.append((job.k, pred))
+        if not self.wakeup:  # one wake-up of the loop settles every prediction ready by then
+            self.wakeup = True
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                self.loop.call_soon_threadsafe(self._settle)
+        y = job.y.to(out.device)
+        loss = self.trainer.loss_fn(out, y)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError("loss_fn must return a scalar tensor (use a mean reduction)")
+        self.trainer._tally.add(pred, y, loss.detach(), job.rows)
+        return loss.reshape(())
+
+    def _settle(self) -> None:
+        self.wakeup = False
+        ready, futures = self.ready, self.futures
+        while ready:
+            k, pred = ready.popleft()
+            future = futures.pop(k, None)
+            if future is not None:
+                resolve_future(future, pred, None)
+
+    def _on_done(self, part: TrainPart) -> Callable[[Any, BaseException | None], None]:
+        def done(result: Any, error: BaseException | None) -> None:  # on the part's thread
+            if error is None or self.failure is not None:
+                return
+            failure = TrainingError(f"{part.describe(self.name)}: {type(error).__name__}: {error}")
+            failure.__cause__ = error
+            self.failure = failure
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._fail_all, failure)
+
+        return done
+
+    def _fail_all(self, failure: TrainingError) -> None:
+        futures, self.futures = self.futures, {}
+        for future in futures.values():
+            resolve_future(future, None, failure)
+            if not future.cancelled():
+                future.exception()  # the runner awaits only the first: don't log the rest
+
+    def sub_metrics(self) -> dict[str, StageMetrics]:
+        return {
+            f"{self.name}[{p.index}]": p.counters.snapshot(f"{self.name}[{p.index}]", "part", 0, 0)
+            for p in self.parts
+        }
+
+
+def _timed(part: TrainPart, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    t0 = time.perf_counter()
+    try:
+        fn(*args)
+    finally:
+        part.counters.record(time.perf_counter() - t0)
+
+
+def _pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        x, y = item
+    except (TypeError, ValueError):
+        raise TypeError(f"OnlineTrainer consumes (x, y) pairs, got {type(item).__name__}") from None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    return x, y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
