@@ -1,0 +1,165 @@
+"""Online training on two CPU workers: each schedule against sequential training and the bound.
+
+Streams single labelled samples (batch 1) through an MLP of 8 layers (Linear + ReLU) of
+width 1024 and prints, in one run, samples per second and the peak memory held
+(saved activations and weight versions, counted in bytes by streamflow's own accounting)
+for: (a) sequential online training on one thread (best of 1 or 2 intra-op threads),
+(b) the parallel bound: each half of the model trained alone in its own thread at the same
+time (forward, backward, SGD step; one intra-op thread each; ready inputs, no handoff),
+(c) sf.OnlineTrainer on ["cpu:0", "cpu:1"] with the halves as parts, for each schedule.
+Target: partime at least 0.85x the parallel bound.
+Run: .venv/bin/python benchmarks/pipeline_training.py [--samples N] [--width W]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+from typing import Any
+
+import torch
+from _common import table
+from torch import nn
+
+import streamflow as sf
+from streamflow.parallel._trainpart import TrainPart
+
+LAYERS = 8
+SCHEDULES = [("sync", 4), ("partime", 1), ("nf1b", 4)]
+
+
+class Result:
+    def __init__(
+        self, name: str, seconds: float, n: int, held: int | None, staleness: str = "-"
+    ) -> None:
+        self.name, self.throughput, self.held, self.staleness = name, n / seconds, held, staleness
+
+
+def mlp(width: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        *[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(LAYERS)]
+    )
+
+
+def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=1e-3)
+
+
+def sequential(width: int, pairs: list[Any], threads: int) -> Result:
+    """One part holding the whole model, trained on the calling thread."""
+    part = TrainPart(
+        mlp(width), "cpu:0", index=0, layers=(0, 2 * LAYERS), threads=threads, optimizer=sgd
+    )
+    before = torch.get_num_threads()
+    part.prepare()
+    t0 = time.perf_counter()
+    for x, y in pairs:
+        act = part.forward(x, 1, leaf=False)
+        torch.autograd.backward(nn.functional.cross_entropy(act.out, y))
+        part.release((act,))
+        part.step(act.version)
+    elapsed = time.perf_counter() - t0
+    torch.set_num_threads(before)
+    held = part.peak_bytes + part.weight_bytes
+    return Result(f"(a) sequential, {threads} thread(s)", elapsed, len(pairs), held, "0")
+
+
+def parallel_bound(width: int, pairs: list[Any]) -> Result:
+    layers = list(mlp(width))
+    first, second = nn.Sequential(*layers[: LAYERS // 2]), nn.Sequential(*layers[LAYERS // 2 :])
+    with torch.no_grad():
+        mids = [first(x) for x, _ in pairs]
+    cotangents = [torch.randn_like(m) * 1e-3 for m in mids]
+    times: dict[str, float] = {}
+    barrier = threading.Barrier(2)
+
+    def alone_first() -> None:
+        torch.set_num_threads(1)
+        opt = sgd(list(first.parameters()))
+        barrier.wait()
+        t0 = time.perf_counter()
+        for (x, _), g in zip(pairs, cotangents, strict=True):
+            torch.autograd.backward(first(x), g)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        times["first"] = time.perf_counter() - t0
+
+    def alone_second() -> None:
+        torch.set_num_threads(1)
+        opt = sgd(list(second.parameters()))
+        barrier.wait()
+        t0 = time.perf_counter()
+        for m, (_, y) in zip(mids, pairs, strict=True):
+            x = m.detach().requires_grad_()
+            torch.autograd.backward(nn.functional.cross_entropy(second(x), y))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        times["second"] = time.perf_counter() - t0
+
+    threads = [threading.Thread(target=alone_first), threading.Thread(target=alone_second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return Result("(b) parallel bound", max(times.values()), len(pairs), None)
+
+
+async def schedule_run(width: int, pairs: list[Any], schedule: str, microbatches: int) -> Result:
+    trainer = sf.OnlineTrainer(
+        mlp(width),
+        ["cpu:0", "cpu:1"],
+        loss_fn=nn.functional.cross_entropy,
+        optimizer=sgd,
+        schedule=schedule,  # type: ignore[arg-type]
+        microbatches=microbatches,
+        partition=[LAYERS, LAYERS],  # the same halves as the bound
+    )
+    flow = sf.Flow("train")
+    flow.source("labelled", sf.iterate(pairs)).map("learn", trainer).sink("preds", sf.collect())
+    t0 = time.perf_counter()
+    await flow.run()
+    elapsed = time.perf_counter() - t0
+    m = trainer.metrics()
+    label = f"(c) {schedule}" + (f", {microbatches} micro-batches" if schedule != "partime" else "")
+    return Result(label, elapsed, len(pairs), m.peak_bytes, ",".join(map(str, m.staleness)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--width", type=int, default=1024)
+    args = parser.parse_args()
+    sf.configure_logging(level="warning")
+    n, width = args.samples, args.width
+    torch.manual_seed(1)
+    pairs = [(torch.randn(1, width), torch.randint(0, width, (1,))) for _ in range(n)]
+    seq = max((sequential(width, pairs, t) for t in (1, 2)), key=lambda r: r.throughput)
+    bound = parallel_bound(width, pairs)
+    runs = [asyncio.run(schedule_run(width, pairs, s, mb)) for s, mb in SCHEDULES]
+    print(
+        f"\n## online training, MLP {LAYERS} x {width}, batch 1, {n} samples, "
+        f'parts ["cpu:0", "cpu:1"] of {LAYERS // 2} layers each'
+    )
+    rows = [
+        (
+            r.name,
+            r.throughput,
+            r.throughput / seq.throughput,
+            r.throughput / bound.throughput,
+            "-" if r.held is None else f"{r.held / 2**20:.2f}",
+            r.staleness,
+        )
+        for r in (seq, bound, *runs)
+    ]
+    print(table(["contender", "samples/s", "x seq", "x bound", "peak held MiB", "staleness"], rows))
+    partime = next(r for r in runs if "partime" in r.name)
+    ratio = partime.throughput / bound.throughput
+    verdict = "meets" if ratio >= 0.85 else "misses"
+    print(f"partime / parallel bound: {ratio:.2f}x ({verdict} the 0.85x target)")
+
+
+if __name__ == "__main__":
+    main()
