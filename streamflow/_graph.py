@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 from ._channel import _OVERFLOWS, Overflow
 from ._devices import parse_device
@@ -25,6 +25,21 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 Kind = Literal["source", "map", "filter", "flat_map", "batch", "unbatch", "sink", "merge"]
+
+
+class _Composite(Protocol):
+    """What ``Stream.map`` accepts besides functions and stages: an object that adds its own
+    stages (a pipelined model, an online trainer) and returns the stream they end in."""
+
+    def __streamflow_expand__(
+        self,
+        stream: Stream[Any],
+        name: str,
+        *,
+        capacity: int,
+        overflow: Overflow,
+        errors: ErrorPolicy,
+    ) -> Stream[Any]: ...
 
 
 @dataclass(eq=False)
@@ -213,7 +228,7 @@ class Stream(Generic[T]):
     def map(
         self,
         name: str,
-        fn: Callable[[T], Any] | Stage[T, Any],
+        fn: Callable[[T], Any] | Stage[T, Any] | _Composite,
         *,
         capacity: int = 16,
         overflow: Overflow = "block",
