@@ -17,7 +17,7 @@ import argparse
 import asyncio
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from _common import table
@@ -27,7 +27,8 @@ import streamflow as sf
 from streamflow.parallel._trainpart import TrainPart
 
 LAYERS = 8
-SCHEDULES = [("sync", 4), ("partime", 1), ("nf1b", 4)]
+Schedule = Literal["sync", "partime", "nf1b"]
+SCHEDULES: list[tuple[Schedule, int]] = [("sync", 4), ("partime", 1), ("nf1b", 4)]
 
 
 class Result:
@@ -107,13 +108,15 @@ def parallel_bound(width: int, pairs: list[Any]) -> Result:
     return Result("(b) parallel bound", max(times.values()), len(pairs), None)
 
 
-async def schedule_run(width: int, pairs: list[Any], schedule: str, microbatches: int) -> Result:
+async def schedule_run(
+    width: int, pairs: list[Any], schedule: Schedule, microbatches: int
+) -> Result:
     trainer = sf.OnlineTrainer(
         mlp(width),
         ["cpu:0", "cpu:1"],
         loss_fn=nn.functional.cross_entropy,
         optimizer=sgd,
-        schedule=schedule,  # type: ignore[arg-type]
+        schedule=schedule,
         microbatches=microbatches,
         partition=[LAYERS, LAYERS],  # the same halves as the bound
     )

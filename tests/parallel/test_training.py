@@ -28,7 +28,7 @@ class Recorder(torch.optim.SGD):
         self.grads: list[list[torch.Tensor]] = []
         self.weights: list[list[torch.Tensor]] = []
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         params = self.param_groups[0]["params"]
         self.grads.append([p.grad.detach().clone() for p in params])
         result = super().step(closure)
@@ -98,7 +98,7 @@ async def test_sync_equals_sequential_minibatch_training(
         want_preds += [o.detach() for o in outs]
         loss = nn.functional.cross_entropy(torch.cat(outs), torch.cat([y for _, y in batch]))
         opt.zero_grad()
-        loss.backward()
+        torch.autograd.backward(loss)
         opt.step()
 
     steps = -(-len(pairs) // microbatches)

@@ -7,6 +7,8 @@ about 0.96 prequential accuracy on the third pass.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -16,6 +18,7 @@ import streamflow as sf
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
+Schedule = Literal["sync", "partime", "nf1b"]
 PASSES = 3
 PARTITIONS = {2: [2, 3], 4: [1, 2, 1, 1]}
 
@@ -61,21 +64,23 @@ def sequential(microbatches: int) -> float:
                 preds += [o.detach() for o in outs]
                 loss = nn.functional.cross_entropy(torch.cat(outs), y[start : start + len(outs)])
                 opt.zero_grad()
-                loss.backward()
+                torch.autograd.backward(loss)
                 opt.step()
     finally:
         torch.set_num_threads(threads)
     return last_pass_accuracy(preds, y)
 
 
-async def pipelined(schedule: str, parts: int, microbatches: int) -> tuple[float, sf.OnlineTrainer]:
+async def pipelined(
+    schedule: Schedule, parts: int, microbatches: int
+) -> tuple[float, sf.OnlineTrainer]:
     x, y = digits()
     trainer = sf.OnlineTrainer(
         mlp(),
         [f"cpu:{i}" for i in range(parts)],
         loss_fn=nn.functional.cross_entropy,
         optimizer=sgd,
-        schedule=schedule,  # type: ignore[arg-type]
+        schedule=schedule,
         microbatches=microbatches,
         partition=PARTITIONS[parts],
     )
@@ -101,7 +106,7 @@ async def test_sync_matches_sequential_training_on_the_same_minibatches() -> Non
 @pytest.mark.parametrize("parts", [2, 4])
 @pytest.mark.parametrize(("schedule", "microbatches"), [("partime", 1), ("nf1b", 4)])
 async def test_pipelined_schedules_reach_090_on_the_third_pass(
-    schedule: str, microbatches: int, parts: int
+    schedule: Schedule, microbatches: int, parts: int
 ) -> None:
     accuracy, trainer = await pipelined(schedule, parts, microbatches)
     assert accuracy >= 0.90, f"{schedule} on {parts} parts: {accuracy:.3f}"
