@@ -20,12 +20,14 @@ class InOrder(Generic[K, V]):
     commit. Memory is one entry per tracked, unreleased item (the caller bounds that).
     """
 
-    __slots__ = ("_done", "_order", "_values")
+    __slots__ = ("_done", "_order", "_values", "last")
 
     def __init__(self) -> None:
         self._order: deque[K] = deque()
         self._values: dict[K, V] = {}
         self._done: set[K] = set()
+        self.last: V | None = None
+        """The value of the last item released."""
 
     def track(self, key: K, value: V) -> None:
         """Add an item after every item tracked so far (keys must be unique while tracked)."""
@@ -44,7 +46,25 @@ class InOrder(Generic[K, V]):
             head = order.popleft()
             done.discard(head)
             released.append(values.pop(head))
+        if released:
+            self.last = released[-1]
         return released
+
+    def release(self, key: K) -> int:
+        """Like :meth:`done`, but return only how many items were released (the last one's
+        value is in :attr:`last`); no list is built."""
+        values = self._values
+        if key not in values:
+            return 0
+        order, done = self._order, self._done
+        done.add(key)
+        n = 0
+        while order and order[0] in done:
+            head = order.popleft()
+            done.discard(head)
+            self.last = values.pop(head)
+            n += 1
+        return n
 
     def discard_after(self, keep: int) -> list[K]:
         """Forget every pending item after the first ``keep`` (unsent, to be read again); return

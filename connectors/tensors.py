@@ -123,7 +123,11 @@ def decode_tensor(
     return tensor.reshape(shape), meta
 
 
-def _parse(view: memoryview) -> tuple[str, list[int], dict[str, Any], int, int]:
+_HEADERS: dict[bytes, tuple[str, tuple[int, ...], dict[str, Any], int]] = {}
+_HEADER_CACHE = 256  # streams repeat a few headers: parse each JSON header once
+
+
+def _parse(view: memoryview) -> tuple[str, tuple[int, ...], dict[str, Any], int, int]:
     if len(view) < _PREFIX.size:
         raise TensorFormatError(f"{len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix")
     magic, hlen = _PREFIX.unpack_from(view)
@@ -133,8 +137,26 @@ def _parse(view: memoryview) -> tuple[str, list[int], dict[str, Any], int, int]:
         raise TensorFormatError(
             f"header length {hlen} does not fit the {len(view)}-byte buffer (limit {MAX_HEADER})"
         )
+    start = _PREFIX.size + hlen
+    key = bytes(view[_PREFIX.size : start])
+    parsed = _HEADERS.get(key)
+    if parsed is None:
+        parsed = _parse_header(key)
+        if len(_HEADERS) >= _HEADER_CACHE:
+            _HEADERS.clear()
+        _HEADERS[key] = parsed
+    dtype, shape, meta, nbytes = parsed
+    if nbytes != len(view) - start:
+        raise TensorFormatError(
+            f"header says {dtype}{list(shape)} = {nbytes} bytes of data, "
+            f"the buffer holds {len(view) - start}"
+        )
+    return dtype, shape, dict(meta) if meta else {}, start, nbytes
+
+
+def _parse_header(text: bytes) -> tuple[str, tuple[int, ...], dict[str, Any], int]:
     try:
-        header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + hlen]))
+        header = json.loads(text)
     except ValueError as exc:
         raise TensorFormatError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -150,14 +172,7 @@ def _parse(view: memoryview) -> tuple[str, list[int], dict[str, Any], int, int]:
         raise TensorFormatError(f"bad shape {shape!r}")
     if not isinstance(meta, dict):
         raise TensorFormatError("meta is not a JSON object")
-    start = _PREFIX.size + hlen
-    nbytes = math.prod(shape) * _DTYPES[dtype][0]
-    if nbytes != len(view) - start:
-        raise TensorFormatError(
-            f"header says {dtype}{shape} = {nbytes} bytes of data, "
-            f"the buffer holds {len(view) - start}"
-        )
-    return dtype, shape, meta, start, nbytes
+    return dtype, tuple(shape), meta, math.prod(shape) * _DTYPES[dtype][0]
 
 
 def _raw_view(value: Any) -> tuple[str, list[int], memoryview]:

@@ -48,6 +48,10 @@ class KafkaMessage:
     partition: int | None = None
 
 
+_Prepared = tuple[str, bytes, bytes | None, list[tuple[str, bytes]], int | None]
+"""topic, value, key, headers, partition"""
+
+
 class KafkaSink:
     """Produce each item to ``topic``; ``send`` returns once the broker confirmed it.
 
@@ -59,8 +63,10 @@ class KafkaSink:
     - a :class:`KafkaMessage`: explicit key, headers, topic, partition;
     - anything else: encoded with ``codec``, keyed by ``key(item)`` when given.
 
-    For throughput give the sink stage ``concurrency`` (e.g. 64-256): the sends in flight are
-    batched by the producer (``linger_ms``), and each is still acked on its own confirmation.
+    For throughput, either give the sink stage ``concurrency`` (e.g. 64-256 sends in flight,
+    each acked on its own confirmation), or put a ``batch`` stage in front and set
+    ``batched=True``: ``send`` then takes a list, produces every element and returns when the
+    broker confirmed them all (the fastest way: one wait per batch, not one task per item).
     A broker that is unreachable is retried with backoff; after ``reconnect_timeout`` seconds
     the flow fails with :class:`~connectors.BrokerUnavailable`. Retrying after a timeout may
     write an item twice (at least once).
@@ -74,12 +80,14 @@ class KafkaSink:
         codec: Codec[Any] = BYTES,
         key: Callable[[Any], bytes | str | None] | None = None,
         linger_ms: int = 5,
+        batched: bool = False,
         reconnect_timeout: float | None = 60.0,
         close_timeout: float = 30.0,
         security: Security | None = None,
         **producer_options: Any,
     ) -> None:
         self.topic = topic
+        self.batched = batched
         self.bootstrap_servers = (
             bootstrap_servers if isinstance(bootstrap_servers, str) else list(bootstrap_servers)
         )
@@ -147,9 +155,7 @@ class KafkaSink:
                 log.info("connector.start", connector=self._what())
                 return producer
 
-    def _prepare(
-        self, item: Any
-    ) -> tuple[str, bytes, bytes | None, list[tuple[str, bytes]], int | None]:
+    def _prepare(self, item: Any) -> _Prepared:
         if isinstance(item, Record):
             return self.topic, bytes(item.raw), item.key, list(item.headers), None
         if isinstance(item, KafkaMessage):
@@ -170,8 +176,32 @@ class KafkaSink:
         :raises BrokerUnavailable: the broker stayed unreachable for ``reconnect_timeout``.
         :raises ConnectorError: the broker rejected the record (too large, not authorised...).
         """
-        topic, value, key, headers, partition = self._prepare(item)
-        await self._produce(topic, value, key, headers, partition)
+        if self.batched:
+            if not isinstance(item, list):
+                raise TypeError(f"{self!r} is batched: put a batch stage before it")
+            await self._produce_many([self._prepare(x) for x in item])
+            return
+        await self._produce(*self._prepare(item))
+
+    async def _produce_many(self, records: list[_Prepared]) -> None:
+        """Produce ``records`` at once; the ones that fail are retried one by one."""
+        producer = self._producer or await self._start()
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for topic, value, key, headers, partition in records:
+                futures.append(
+                    await producer.send(
+                        topic, value, key=key, headers=headers or None, partition=partition
+                    )
+                )
+        except KafkaError:
+            pass  # the rest go through _produce below
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for i, record in enumerate(records):
+            if i < len(results) and not isinstance(results[i], BaseException):
+                self.sent += 1
+            else:
+                await self._produce(*record)
 
     async def _produce(
         self,

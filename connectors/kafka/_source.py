@@ -85,9 +85,10 @@ class KafkaSource:
     possible, losses are not).
 
     Memory: at most ``max_pending`` records are fetched and not yet released (buffered here or
-    in the flow). At that point the partitions are paused, and the source keeps polling the
-    (paused) consumer so it stays in its group for as long as the flow pushes back, whatever
-    ``max_poll_interval_ms`` is. It resumes at ``max_pending // 2``.
+    in the flow); then the source takes no more until a quarter of them are done. When the
+    flow pushes back for longer than a second (or a quarter of ``max_poll_interval_ms``), the
+    partitions are paused and the source keeps polling the paused consumer, so it stays in
+    its group for as long as the flow pushes back.
 
     Outages: aiokafka reconnects by itself; a broker that stays unreachable (no fetch, commit
     or metadata probe succeeds) for ``reconnect_timeout`` seconds fails the flow with
@@ -129,6 +130,8 @@ class KafkaSource:
         self.close_timeout = close_timeout
         self.security = security
         self.consumer_options = consumer_options
+        max_poll = consumer_options.get("max_poll_interval_ms", 300_000) / 1000
+        self.pause_after = min(1.0, max_poll / 4)
         self.name = "kafka:" + ",".join(self.topics)
         self.stats = KafkaSourceStats()
         self._consumer: AIOKafkaConsumer | None = None
@@ -136,6 +139,7 @@ class KafkaSource:
         self._buffer: deque[tuple[_Partition, ConsumerRecord[Any, Any]]] = deque()
         self._pending = 0
         self._paused = False
+        self._room_at = -1  # while waiting for room: wake up at this many pending
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._acked = asyncio.Event()
@@ -221,29 +225,31 @@ class KafkaSource:
             await self._ready.wait()
         part, rec = buffer.popleft()
         self.stats.yielded += 1
-        position = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
-        value = rec.value if rec.value is not None else b""
+        topic, partition, offset = rec.topic, rec.partition, rec.offset
+        value = rec.value
         record = Record(
-            value,
+            value if value is not None else b"",
             self.name,
-            position,
+            {"topic": topic, "partition": partition, "offset": offset},
             codec=self.codec,
             key=rec.key,
-            headers=tuple(rec.headers),
+            headers=rec.headers,
             timestamp=rec.timestamp / 1000,
         )
-        meta = {"source": self.name, **position}
-        return sf.Message(record, meta=meta, on_ack=partial(self._on_ack, part, rec.offset))
+        meta = {"source": self.name, "topic": topic, "partition": partition, "offset": offset}
+        return sf.Message(record, meta=meta, on_ack=partial(self._on_ack, part, offset))
 
     def _on_ack(self, part: _Partition, offset: int, outcome: sf.Outcome) -> None:
         self.stats.acked += 1
         if not part.active:
             return
-        released = part.tracker.done(offset)
+        tracker = part.tracker
+        released = tracker.release(offset)
         if released:
-            part.committable = released[-1] + 1
-            self._pending -= len(released)
-            if self._paused and self._pending <= self.max_pending // 2:
+            assert tracker.last is not None
+            part.committable = tracker.last + 1
+            self._pending -= released
+            if self._pending <= self._room_at:
                 self._room.set()
         self._acked.set()
 
@@ -269,29 +275,48 @@ class KafkaSource:
     async def _poll_loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        low = self.max_pending // 2
         while True:
             room = self.max_pending - self._pending
-            if room <= 0 or (self._paused and self._pending > low):
-                if not self._paused:
-                    self._pause(consumer)
-                self._room.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.2):
-                        await self._room.wait()
-                # an empty poll of the paused consumer: the group sees us alive
-                await consumer.getmany(timeout_ms=0)
-                await self._check_health(consumer)
+            if room <= 0:
+                await self._wait_for_room(consumer)
                 continue
-            if self._paused:
-                self._paused = False
-                consumer.resume(*consumer.assignment())
-                log.debug("connector.resume", connector=self.name, pending=self._pending)
             batches = await consumer.getmany(timeout_ms=200, max_records=room)
             if batches:
                 self._take(batches)
             else:
                 await self._check_health(consumer)
+
+    async def _wait_for_room(self, consumer: AIOKafkaConsumer) -> None:
+        """``max_pending`` records are pending: stop taking more until a quarter is done.
+
+        A short push-back only stops draining the consumer (what aiokafka prefetched stays,
+        bounded by its fetch sizes). Past ``pause_after`` seconds the partitions are paused
+        (dropping that prefetch) and the paused consumer is polled every 0.2 s, so the group
+        sees a live member however long the flow pushes back."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.pause_after
+        self._room_at = self.max_pending * 3 // 4
+        paused = False
+        try:
+            while self._pending > self._room_at:
+                self._room.clear()
+                wait = 0.2 if paused else max(0.0, deadline - loop.time())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._room.wait()
+                if self._pending <= self._room_at:
+                    break
+                if not paused:
+                    paused = True
+                    self._pause(consumer)
+                await consumer.getmany(timeout_ms=0)  # paused: returns nothing, keeps us alive
+                await self._check_health(consumer)
+        finally:
+            self._room_at = -1
+            if paused:
+                self._paused = False
+                consumer.resume(*consumer.assignment())
+                log.debug("connector.resume", connector=self.name, pending=self._pending)
 
     def _pause(self, consumer: AIOKafkaConsumer) -> None:
         self._paused = True
@@ -420,6 +445,7 @@ class KafkaSource:
             part.active = False
             self._pending -= len(part.tracker)  # not finished in time: read again elsewhere
             del self._parts[part.tp]
+        self._room.set()
         log.info("connector.revoked", connector=self.name, partitions=_show_tps(revoked))
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:

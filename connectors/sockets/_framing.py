@@ -74,6 +74,21 @@ class Inbox:
             self.error = error
         self._ready.set()
 
+    def get_nowait(self) -> Record | None:
+        """The next record if one is waiting (``None`` otherwise)."""
+        items = self._items
+        if not items:
+            return None
+        record = items.popleft()
+        if self._paused and len(items) < self.capacity // 2 + 1:
+            self._resume_all()
+        return record
+
+    def _resume_all(self) -> None:
+        paused, self._paused = self._paused, set()
+        for reader in paused:
+            reader.resume()
+
     async def get(self) -> Record:
         items = self._items
         while not items:
@@ -85,9 +100,7 @@ class Inbox:
             await self._ready.wait()
         record = items.popleft()
         if self._paused and len(items) < self.capacity // 2 + 1:
-            paused, self._paused = self._paused, set()
-            for reader in paused:
-                reader.resume()
+            self._resume_all()
         return record
 
     def __len__(self) -> int:

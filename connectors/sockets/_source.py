@@ -143,9 +143,11 @@ class ServerSource:
         return self
 
     async def __anext__(self) -> Record:
-        if self._inbox is None:
+        inbox = self._inbox
+        if inbox is None:
             raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
-        return await self._inbox.get()
+        record = inbox.get_nowait()  # fast path, no coroutine (a Record may be empty: falsy)
+        return record if record is not None else await inbox.get()
 
 
 class _Refuse(asyncio.Protocol):
@@ -264,6 +266,8 @@ class ClientSource:
         return self
 
     async def __anext__(self) -> Record:
-        if self._inbox is None:
+        inbox = self._inbox
+        if inbox is None:
             raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
-        return await self._inbox.get()
+        record = inbox.get_nowait()  # fast path, no coroutine (a Record may be empty: falsy)
+        return record if record is not None else await inbox.get()

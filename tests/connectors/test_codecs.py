@@ -124,6 +124,9 @@ def test_in_order_releases_only_the_finished_prefix() -> None:
     assert acks.done(10) == [10, 11]
     assert acks.done(12) == [12, 15]
     assert len(acks) == 0 and acks.done(99) == []
+    acks.track(16, 16)
+    acks.track(17, 17)
+    assert acks.release(17) == 0 and acks.release(16) == 2 and acks.last == 17
 
 
 def test_decode_raises_and_logs_source_and_position() -> None:

@@ -55,6 +55,24 @@ async def test_sink_then_source_round_trip_with_keys_and_headers(kafka: str, nam
     assert sum(source.stats.committed.values()) == 51
 
 
+async def test_batched_sink_acks_each_batch_after_the_broker(kafka: str, name: str) -> None:
+    from streamflow.testing import MemorySource
+
+    source = MemorySource([{"n": i} for i in range(100)])
+    sink = KafkaSink(name, kafka, codec=connectors.JSON, batched=True)
+    flow = sf.Flow("batched")
+    flow.source("items", source).batch("b", 30, 0.01).sink("kafka", sink, concurrency=2)
+    await flow.run()
+    assert sink.sent == 100
+    assert set(source.acked.values()) == {sf.Outcome.DELIVERED} and len(source.acked) == 100
+    got = sorted(json.loads(r.value)["n"] for r in await read_all(kafka, name, 100))
+    assert got == list(range(100))
+    with pytest.raises(sf.StageError, match="is batched: put a batch stage before it"):
+        bad = sf.Flow("unbatched")
+        bad.source("items", [1]).sink("kafka", KafkaSink(name, kafka, batched=True))
+        await bad.run()
+
+
 async def test_kill_mid_stream_and_restart_loses_nothing(
     kafka: str, name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
