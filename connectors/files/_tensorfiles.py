@@ -1,4 +1,5 @@
-"""Tensor files: .npy and .safetensors, one tensor (or dict of tensors) per file."""
+"""Tensor files: .npy, .safetensors and .sft (the connectors' own tensor wire format), one
+tensor (or dict of tensors) per file."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import streamflow as sf
 from .._inorder import InOrder
 from .._record import Record
 from ..codecs import Buffer, Codec
+from ..tensors import TensorCodec
 from ._atomic import write_atomic
 from ._position import Checkpoint
 
@@ -27,7 +29,7 @@ __all__ = ["NpyCodec", "SafetensorsCodec", "TensorFileSink", "TensorFileSource"]
 log = structlog.get_logger("streamflow")
 
 Framework = Literal["torch", "numpy"]
-SUFFIXES = (".npy", ".safetensors")
+SUFFIXES = (".npy", ".safetensors", ".sft")
 
 
 class NpyCodec:
@@ -118,11 +120,13 @@ def _to_numpy(value: Any) -> Any:
 
 
 class TensorFileSource:
-    """Yield the ``.npy`` and ``.safetensors`` files of ``directory`` in name order, one
-    :class:`~connectors.Record` per file (the file's bytes; ``position``: ``file`` name and
-    ``index``); :func:`connectors.decode` turns a ``.npy`` into a tensor (or array, with
-    ``framework="numpy"``) and a ``.safetensors`` into a dict of tensors. ``directory`` may
-    also be a single file.
+    """Yield the ``.npy``, ``.safetensors`` and ``.sft`` files of ``directory`` in name order,
+    one :class:`~connectors.Record` per file (the file's bytes, read into a writable buffer;
+    ``position``: ``file`` name and ``index``). :func:`connectors.decode` turns a ``.npy`` or
+    ``.sft`` into a tensor (an array with ``framework="numpy"``; ``.sft`` files decode without
+    a copy, and with ``with_meta=True`` as :class:`~connectors.tensors.Tagged` with their
+    metadata) and a ``.safetensors`` into a dict of tensors. ``directory`` may also be a
+    single file.
 
     ``follow=True``: keep watching the directory (every ``poll_interval`` s) and yield new
     files as they appear, like ``tail -f`` for a directory. Only names that sort after the
@@ -139,6 +143,7 @@ class TensorFileSource:
         directory: str | os.PathLike[str],
         *,
         framework: Framework = "torch",
+        with_meta: bool = False,
         follow: bool = False,
         poll_interval: float = 0.5,
         start_after: str | None = None,
@@ -149,6 +154,7 @@ class TensorFileSource:
         self.codecs: dict[str, Codec[Any]] = {
             ".npy": NpyCodec(framework),
             ".safetensors": SafetensorsCodec(framework),
+            ".sft": TensorCodec(framework=framework, with_meta=with_meta),
         }
         self.follow = follow
         self.poll_interval = poll_interval
@@ -251,8 +257,10 @@ def _read(path: Path) -> bytearray:
 
 
 class TensorFileSink:
-    """Write each item to its own file in ``directory``: a tensor or array as ``.npy``, or a
-    dict of tensors (or one tensor, named ``"tensor"``) as ``.safetensors``.
+    """Write each item to its own file in ``directory``: a tensor or array as ``.npy``, a dict
+    of tensors (or one tensor, named ``"tensor"``) as ``.safetensors``, or a tensor (or a
+    :class:`~connectors.tensors.Tagged` tensor with metadata) in the connectors' tensor wire
+    format as ``.sft``.
 
     Guarantee: each file is written to a hidden temporary name, flushed to disk and renamed
     (then the directory is synced), and ``send`` returns after the rename. So a file is
@@ -265,15 +273,20 @@ class TensorFileSink:
         self,
         directory: str | os.PathLike[str],
         *,
-        format: Literal["npy", "safetensors"] = "npy",
+        format: Literal["npy", "safetensors", "sft"] = "npy",
         prefix: str = "part",
         fsync: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.format = format
-        self.codec: NpyCodec | SafetensorsCodec = (
-            NpyCodec() if format == "npy" else SafetensorsCodec()
-        )
+        codecs: dict[str, Codec[Any]] = {
+            "npy": NpyCodec(),
+            "safetensors": SafetensorsCodec(),
+            "sft": TensorCodec(),
+        }
+        if format not in codecs:
+            raise ValueError(f"format must be one of {sorted(codecs)}, got {format!r}")
+        self.codec = codecs[format]
         self.prefix = prefix
         self.fsync = fsync
         self.written: list[Path] = []
@@ -284,12 +297,19 @@ class TensorFileSink:
 
     async def send(self, item: Any) -> None:
         """Write ``item`` as one complete file (see the class for the guarantee)."""
-        data = item.raw if isinstance(item, Record) else self.codec.encode(item)
+        data: Buffer | list[Buffer]
+        if isinstance(item, Record):
+            data = item.raw
+        elif isinstance(self.codec, TensorCodec):
+            data = self.codec.encode_parts(item)  # written from the tensor's memory
+        else:
+            data = self.codec.encode(item)
         self._n += 1
         path = self.directory / f"{self.prefix}-{time.time_ns():020d}-{self._n:06d}.{self.format}"
         await anyio.to_thread.run_sync(self._write, path, data)
         self.written.append(path)
 
-    def _write(self, path: Path, data: Buffer) -> None:
+    def _write(self, path: Path, data: Buffer | list[Buffer]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda f: f.write(data), fsync=self.fsync)
+        parts = data if isinstance(data, list) else [data]
+        write_atomic(path, lambda f: f.writelines(parts), fsync=self.fsync)

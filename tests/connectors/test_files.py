@@ -194,6 +194,8 @@ async def test_tensor_files_written_whole_and_followed(tmp_path: Path) -> None:
     await writer.run()
     named = TensorFileSink(directory, format="safetensors", prefix="weights")
     await named.send({"w": torch.eye(2), "b": torch.zeros(2)})
+    wire = TensorFileSink(directory, format="sft", prefix="wire")
+    await wire.send(torch.arange(6.0).reshape(2, 3))
     assert not [p for p in directory.iterdir() if p.name.startswith(".")]  # no temp files
 
     out: list[Any] = []
@@ -201,14 +203,15 @@ async def test_tensor_files_written_whole_and_followed(tmp_path: Path) -> None:
     flow = sf.Flow("r")
     flow.source("dir", source).map("decode", connectors.decode).sink("out", sf.collect(out))
     async with flow.start() as running:
-        await until(lambda: len(out) == 4)
-        late = TensorFileSink(directory, prefix="weights")  # sorts after what was read
-        await late.send(np.arange(4, dtype=np.int16))
         await until(lambda: len(out) == 5)
+        late = TensorFileSink(directory, prefix="z")  # sorts after what was read
+        await late.send(np.arange(4, dtype=np.int16))
+        await until(lambda: len(out) == 6)
         await running.stop()
     assert [float(t[0, 0]) for t in out[:3]] == [0.0, 1.0, 2.0]
     assert isinstance(out[3], dict) and torch.equal(out[3]["w"], torch.eye(2))
-    assert out[4].dtype == torch.int16 and out[4].tolist() == [0, 1, 2, 3]
+    assert torch.equal(out[4], torch.arange(6.0).reshape(2, 3))  # .sft: the wire format
+    assert out[5].dtype == torch.int16 and out[5].tolist() == [0, 1, 2, 3]
     assert source.position == late.written[0].name
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from structlog.testing import capture_logs
 
 import connectors
@@ -71,6 +72,25 @@ async def test_batched_sink_acks_each_batch_after_the_broker(kafka: str, name: s
         bad = sf.Flow("unbatched")
         bad.source("items", [1]).sink("kafka", KafkaSink(name, kafka, batched=True))
         await bad.run()
+
+
+async def test_tensors_travel_through_kafka_with_the_shared_codec(kafka: str, name: str) -> None:
+    from connectors.tensors import TENSOR, Tagged, TensorCodec
+
+    tensors = [torch.randn(4, 5) for _ in range(10)]
+    flow = sf.Flow("tensors-out")
+    flow.source("t", [Tagged(t, {"i": i}) for i, t in enumerate(tensors)]).sink(
+        "kafka", KafkaSink(name, kafka, codec=TENSOR), concurrency=4
+    )
+    await flow.run()
+    got: list[Any] = []
+    source = KafkaSource(name, name, kafka, codec=TensorCodec(with_meta=True))
+    flow = sf.Flow("tensors-in")
+    flow.source("kafka", source).map("decode", connectors.decode).sink("out", sf.collect(got))
+    async with flow.start() as running:
+        await until(lambda: len(got) == 10)
+        await running.stop()
+    assert all(torch.equal(g.tensor, tensors[g.meta["i"]]) for g in got)
 
 
 async def test_kill_mid_stream_and_restart_loses_nothing(
