@@ -426,12 +426,14 @@ class KafkaSource:
             return
         self.stats.revocations += 1
         gone = [self._parts[tp] for tp in revoked if tp in self._parts]
-        kept = deque(item for item in self._buffer if item[0].tp not in revoked)
         unsent: dict[TopicPartition, int] = {}
         for part, _ in self._buffer:
             if part.tp in revoked:
                 unsent[part.tp] = unsent.get(part.tp, 0) + 1
-        self._buffer = kept
+        if unsent:  # in place: a waiting __anext__ holds this deque
+            kept = [item for item in self._buffer if item[0].tp not in revoked]
+            self._buffer.clear()
+            self._buffer.extend(kept)
         for part in gone:
             n = unsent.get(part.tp, 0)
             part.tracker.discard_after(len(part.tracker) - n)

@@ -185,6 +185,49 @@ async def test_process_killed_with_sigkill_then_restarted_loses_nothing(
     assert duplicates == len(set(first) & set(seen))
 
 
+async def test_a_second_member_takes_partitions_without_losing_any(kafka: str, name: str) -> None:
+    """A rebalance mid-stream: the first member commits what it finished on revoke, forgets
+    what it had not handed out, and the second member continues from there."""
+    total = 2000
+    await create_topic(kafka, name, partitions=4)
+    await produce(kafka, name, (str(i).encode() for i in range(total)))
+    got_a: list[int] = []
+    got_b: list[int] = []
+
+    async def slowly(value: Any) -> int:
+        await asyncio.sleep(0.002)
+        return int(value)
+
+    def member(out: list[int]) -> tuple[sf.Flow, KafkaSource]:
+        source = KafkaSource(
+            name,
+            name,
+            kafka,
+            codec=connectors.JSON,
+            max_pending=100,
+            commit_interval=0.2,
+            heartbeat_interval_ms=300,  # notice the rebalance quickly
+        )
+        flow = sf.Flow("member")
+        flow.source("kafka", source).map("decode", connectors.decode).map("slow", slowly).sink(
+            "out", sf.collect(out)
+        )
+        return flow, source
+
+    flow_a, a = member(got_a)
+    flow_b, b = member(got_b)
+    async with flow_a.start() as running_a:
+        await until(lambda: len(got_a) >= 200)
+        async with flow_b.start() as running_b:
+            await until(lambda: len(set(got_a) | set(got_b)) == total, within=40)
+            await running_b.stop()
+        await running_a.stop()
+    assert set(got_a) | set(got_b) == set(range(total))
+    assert a.stats.revocations >= 1 and b.stats.assignments >= 1 and got_b
+    duplicates = len(got_a) + len(got_b) - total
+    assert duplicates <= 100  # at most what was in flight on revoke (usually none)
+
+
 class _StallingSink:
     """Stalls once for ``stall`` seconds on item ``at``; records everything."""
 
