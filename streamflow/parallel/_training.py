@@ -181,11 +181,16 @@ class OnlineTrainer:
         return f"<OnlineTrainer {self.schedule.name!r}, {len(self.parts)} parts on {devices}>"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Predict without learning, running the parts in turn on the calling thread (not
-        while the trainer runs in a flow)."""
-        with torch.no_grad():
-            for part in self.parts:
-                x = part.module(x.to(part.torch_device))
+        """Predict without learning, in eval mode, running the parts in turn on the calling
+        thread (not while the trainer runs in a flow)."""
+        modes = [part.module.training for part in self.parts]
+        try:
+            with torch.no_grad():
+                for part in self.parts:
+                    x = part.module.eval()(x.to(part.torch_device))
+        finally:
+            for part, mode in zip(self.parts, modes, strict=True):
+                part.module.train(mode)
         return x
 
     def metrics(self) -> TrainerMetrics:
