@@ -13,7 +13,8 @@ from ._layers import named_layers, split_layers
 from ._pipeline import Pipeline, PipelineError, PipelinePart, pipeline
 from ._plan import Objective, Plan, StagePlan, plan
 from ._profile import profile
-from ._training import OnlineTrainer, TrainerMetrics, TrainingError
+from ._training import OnlineTrainer, TrainingError
+from ._trainmetrics import TrainerMetrics
 
 __all__ = [
     "HandoffModel",

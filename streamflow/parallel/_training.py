@@ -11,7 +11,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -26,6 +25,7 @@ from ._pipeline import _resolve_devices
 from ._plan import Objective, Plan, StagePlan, plan
 from ._profile import profile
 from ._schedules import SCHEDULES, Job, Schedule
+from ._trainmetrics import Tally, TrainerMetrics
 from ._trainpart import OptimizerFactory, TrainPart
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .._graph import Stream
     from .._policy import ErrorPolicy
 
-__all__ = ["OnlineTrainer", "TrainerMetrics", "TrainingError"]
+__all__ = ["OnlineTrainer", "TrainingError"]
 
 ScheduleName = Literal["sync", "partime", "nf1b"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,62 +43,6 @@ class TrainingError(Exception):
     """A layer, the loss or an optimizer raised inside a trainer part; the message names the
     part, its layers and device, and ``__cause__`` is the original exception. The trainer's
     state is then undefined, so every later item of that run fails with the same error."""
-
-
-@dataclass(frozen=True)
-class TrainerMetrics:
-    """A snapshot of an :class:`OnlineTrainer`, over every run since it was created.
-
-    ``samples`` counts rows (an item ``(x, y)`` holds ``x.shape[0]`` rows), ``items``
-    stream items. ``loss`` is the mean loss of the last ``window`` items. ``accuracy`` is
-    the prequential accuracy (each prediction made before learning from its label) over all
-    rows, ``recent_accuracy`` over the rows of the last ``window`` items; both are ``None``
-    unless ``y`` holds class indices. Per part: ``updates`` (optimizer steps),
-    ``staleness`` (the largest number of weight versions between the oldest forward behind
-    an update and that update), ``staleness_bound`` (the schedule's stated steady-state
-    staleness), ``activation_bytes`` (peak bytes of saved activations held),
-    ``weight_bytes`` and ``weight_versions`` (copies of the weights kept).
-    """
-
-    schedule: str
-    samples: int
-    items: int
-    loss: float | None
-    accuracy: float | None
-    recent_accuracy: float | None
-    updates: tuple[int, ...]
-    staleness: tuple[int, ...]
-    staleness_bound: tuple[int, ...]
-    activation_bytes: tuple[int, ...]
-    weight_bytes: tuple[int, ...]
-    weight_versions: tuple[int, ...]
-
-    @property
-    def peak_bytes(self) -> int:
-        """Activations at their per-part peaks plus every weight version held."""
-        weights = sum(b * v for b, v in zip(self.weight_bytes, self.weight_versions, strict=True))
-        return sum(self.activation_bytes) + weights
-
-
-class _Tally:
-    """Prequential counters, written on the last part's thread."""
-
-    def __init__(self, window: int) -> None:
-        self.samples = 0
-        self.items = 0
-        self.correct = 0
-        self.classified = 0
-        self.recent: deque[tuple[float, int, int]] = deque(maxlen=window)  # loss, hits, rows
-
-    def add(self, pred: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, rows: int) -> None:
-        self.items += 1
-        self.samples += rows
-        hits = classified = 0
-        if not y.is_floating_point() and pred.dim() >= 1 and y.shape == pred.shape[:-1]:
-            hits, classified = int((pred.argmax(-1) == y).sum()), max(1, y.numel())
-            self.correct += hits
-            self.classified += classified
-        self.recent.append((float(loss), hits, classified))
 
 
 class OnlineTrainer:
@@ -173,7 +117,7 @@ class OnlineTrainer:
         self.schedule: Schedule = SCHEDULES[schedule](self.parts, microbatches)
         self.loss_fn = loss_fn
         self.in_flight = capacity * len(self.parts) + microbatches
-        self._tally = _Tally(window)
+        self._tally = Tally(window)
         self._running = False
 
     def __repr__(self) -> str:

@@ -1,0 +1,66 @@
+"""What an online trainer reports: prequential loss and accuracy, per-part learning and memory."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Tally", "TrainerMetrics"]
+
+
+@dataclass(frozen=True)
+class TrainerMetrics:
+    """A snapshot of an :class:`OnlineTrainer`, over every run since it was created.
+
+    ``samples`` counts rows (an item ``(x, y)`` holds ``x.shape[0]`` rows), ``items``
+    stream items. ``loss`` is the mean loss of the last ``window`` items. ``accuracy`` is
+    the prequential accuracy (each prediction made before learning from its label) over all
+    rows, ``recent_accuracy`` over the rows of the last ``window`` items; both are ``None``
+    unless ``y`` holds class indices. Per part: ``updates`` (optimizer steps),
+    ``staleness`` (the largest number of weight versions between the oldest forward behind
+    an update and that update), ``staleness_bound`` (the schedule's stated steady-state
+    staleness), ``activation_bytes`` (peak bytes of saved activations held),
+    ``weight_bytes`` and ``weight_versions`` (copies of the weights kept).
+    """
+
+    schedule: str
+    samples: int
+    items: int
+    loss: float | None
+    accuracy: float | None
+    recent_accuracy: float | None
+    updates: tuple[int, ...]
+    staleness: tuple[int, ...]
+    staleness_bound: tuple[int, ...]
+    activation_bytes: tuple[int, ...]
+    weight_bytes: tuple[int, ...]
+    weight_versions: tuple[int, ...]
+
+    @property
+    def peak_bytes(self) -> int:
+        """Activations at their per-part peaks plus every weight version held."""
+        weights = sum(b * v for b, v in zip(self.weight_bytes, self.weight_versions, strict=True))
+        return sum(self.activation_bytes) + weights
+
+
+class Tally:
+    """Prequential counters, written on the last part's thread."""
+
+    def __init__(self, window: int) -> None:
+        self.samples = 0
+        self.items = 0
+        self.correct = 0
+        self.classified = 0
+        self.recent: deque[tuple[float, int, int]] = deque(maxlen=window)  # loss, hits, rows
+
+    def add(self, pred: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, rows: int) -> None:
+        self.items += 1
+        self.samples += rows
+        hits = classified = 0
+        if not y.is_floating_point() and pred.dim() >= 1 and y.shape == pred.shape[:-1]:
+            hits, classified = int((pred.argmax(-1) == y).sum()), max(1, y.numel())
+            self.correct += hits
+            self.classified += classified
+        self.recent.append((float(loss), hits, classified))
