@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import streamflow as sf
+from streamflow.testing import MemorySource
 
 pytestmark = pytest.mark.asyncio
 
@@ -359,14 +360,17 @@ async def test_flow_metrics_show_the_parts_and_one_flow_at_a_time() -> None:
     m = trainer.metrics()
     assert m.loss is not None and m.accuracy is not None and m.samples == 20
 
-    slow = [(torch.randn(1, 6), torch.randint(0, 3, (1,))) for _ in range(2000)]
+    endless = MemorySource(pairs, forever=True)
     first, second = sf.Flow("a"), sf.Flow("b")
-    first.source("labelled", slow).map("learn", trainer).sink("out", sf.collect())
+    first.source("labelled", endless).map("learn", trainer).sink("out", sf.collect())
     second.source("labelled", pairs).map("learn", trainer).sink("out", sf.collect())
-    async with first.start():
-        await asyncio.sleep(0.05)
+    async with first.start() as running:
+        while endless.taken < 30:
+            await asyncio.sleep(0.001)
         with pytest.raises(sf.StageError, match="already runs in a flow"):
             await second.run()
+        await running.stop(drain=True)
+    assert trainer.metrics().items == 20 + endless.taken  # every item taken was learnt
 
 
 async def test_errors_name_the_part() -> None:
