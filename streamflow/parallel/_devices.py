@@ -8,6 +8,7 @@ from .._devices import parse_device as _parse_any
 
 __all__ = ["check_devices", "is_cuda", "parse_device", "timing_class"]
 
+
 def parse_device(name: str) -> tuple[str, int]:
     """Split ``"cpu:N"``/``"cuda:N"`` into ``(kind, index)``; ``ValueError`` for anything else
     (a plan places each stage on one numbered device, so a bare ``"cpu"`` is refused)."""
@@ -20,8 +21,9 @@ def parse_device(name: str) -> tuple[str, int]:
     return kind, index
 
 
-def check_devices(devices: Sequence[str]) -> tuple[str, ...]:
-    """Validate a non-empty sequence of distinct device names and return it as a tuple."""
+def check_devices(devices: Sequence[str], *, distinct: bool = True) -> tuple[str, ...]:
+    """Validate a non-empty sequence of device names (distinct unless told otherwise) and
+    return it as a tuple."""
     if isinstance(devices, str):
         raise TypeError(
             f"devices must be a list of names such as ['cpu:0', 'cpu:1'], not {devices!r}"
@@ -32,7 +34,7 @@ def check_devices(devices: Sequence[str]) -> tuple[str, ...]:
     for name in names:
         parse_device(name)
     duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
+    if duplicates and distinct:
         raise ValueError(f"devices are listed more than once: {', '.join(duplicates)}")
     return names
 

@@ -66,7 +66,7 @@ def pipeline(
                 "pipeline() needs example= (one input batch) to profile the layers; "
                 "or pass partition=Plan.load(...)"
             )
-        prof = profile([m for _, m in layers], example, devs)
+        prof = profile([m for _, m in layers], example, list(dict.fromkeys(devs)))
         if partition == "auto":
             chosen = plan(prof, devs, objective)
         else:

@@ -80,7 +80,7 @@ class Plan:
         for a, b in zip(self.stages, self.stages[1:], strict=False):
             if a.layer_end != b.layer_start:
                 raise ValueError(f"stages must be contiguous: {a.layer_end} then {b.layer_start}")
-        check_devices([s.device for s in self.stages])
+        check_devices([s.device for s in self.stages], distinct=False)
 
     @property
     def devices(self) -> list[str]:
@@ -180,7 +180,9 @@ def plan(
     stage count. ``partition`` (layers per stage) skips the search and places stage i on
     ``devices[i]``. ``devices`` defaults to ``profile.devices``.
     """
-    devs = check_devices(profile.devices if devices is None else devices)
+    devs = check_devices(
+        profile.devices if devices is None else devices, distinct=partition is None
+    )
     if objective not in _OBJECTIVES:
         raise ValueError(f"objective must be 'throughput' or 'latency', got {objective!r}")
     if not (math.isfinite(tolerance) and tolerance >= 0):

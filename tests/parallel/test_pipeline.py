@@ -246,3 +246,13 @@ async def test_a_sample_enters_while_earlier_ones_are_still_inside() -> None:
     await flow.run()
     gaps = [b - a for a, b in itertools.pairwise(entered)]
     assert len(entered) == 3 and max(gaps) < 0.04  # not ~0.1 s, the pipeline's latency
+
+
+async def test_two_parts_may_share_a_device() -> None:
+    model = mlp()
+    frames = [torch.randn(1, 32) for _ in range(10)]
+    pipe = sf.pipeline(model, ["cpu:0", "cpu:0"], frames[0], partition=[6, 6])
+    assert pipe.plan.devices == ["cpu:0", "cpu:0"]
+    assert_same(await run_flow(pipe, frames), reference(model, frames))
+    with pytest.raises(ValueError, match="more than once"):
+        sf.pipeline(model, ["cpu:0", "cpu:0"], frames[0])  # the planner needs distinct devices
