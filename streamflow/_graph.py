@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 from ._channel import _OVERFLOWS, Overflow
 from ._devices import parse_device
@@ -16,6 +16,7 @@ from ._stage import Stage
 
 if TYPE_CHECKING:
     from ._describe import FlowDescription
+    from ._message import Message
     from ._metrics import StageMetrics
     from ._runtime import RunningFlow
 
@@ -92,8 +93,17 @@ class Flow:
 
     # -- building ----------------------------------------------------------------------
 
-    def source(self, name: str, source: Source[T] | Iterable[T]) -> Stream[T]:
-        """Add a source: an :class:`~streamflow.Source` (any async iterable) or an iterable."""
+    @overload
+    def source(self, name: str, source: Source[Message[T]] | Iterable[Message[T]]) -> Stream[T]: ...
+
+    @overload
+    def source(self, name: str, source: Source[T] | Iterable[T]) -> Stream[T]: ...
+
+    def source(self, name: str, source: Source[Any] | Iterable[Any]) -> Stream[Any]:
+        """Add a source: an :class:`~streamflow.Source` (any async iterable) or an iterable.
+
+        A source of :class:`~streamflow.Message` envelopes gives a stream of their values (it
+        is typed that way too)."""
         if not isinstance(source, AsyncIterable):
             if isinstance(source, Iterable) and not isinstance(source, str | bytes):
                 source = iterate(source)
