@@ -203,7 +203,8 @@ async def tcp_streamflow(data: bytes, n: int) -> float:
     flow = sf.Flow("tcp-bench")
     flow.source("tcp", source).map("decode", decode).sink("count", done)
     async with flow.start() as running:
-        _, port = await source.wait_listening()  # type: ignore[misc]
+        await source.wait_listening()
+        port = source.port
         sender = asyncio.create_task(send_frames(port, data))
         await finished.wait()
         t1 = time.perf_counter()

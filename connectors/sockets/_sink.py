@@ -152,6 +152,14 @@ class ServerSink:
         return f"ServerSink({self.name})"
 
     @property
+    def port(self) -> int:
+        """The bound TCP port (after the flow started it; ``port=0`` picks a free one)."""
+        address = self.address
+        if isinstance(address, str):
+            raise RuntimeError(f"{self!r} listens on a Unix socket, not a TCP port")
+        return address[1]
+
+    @property
     def address(self) -> tuple[str, int] | str:
         """The bound address, ``(host, port)`` or the socket path."""
         if self._server is None:

@@ -64,6 +64,14 @@ class ServerSource:
         return f"ServerSource({self.name})"
 
     @property
+    def port(self) -> int:
+        """The bound TCP port (after the flow started it; ``port=0`` picks a free one)."""
+        address = self.address
+        if isinstance(address, str):
+            raise RuntimeError(f"{self!r} listens on a Unix socket, not a TCP port")
+        return address[1]
+
+    @property
     def address(self) -> tuple[str, int] | str:
         """The bound address, ``(host, port)`` or the socket path (after the flow started)."""
         if self._server is None:

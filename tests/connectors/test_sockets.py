@@ -43,7 +43,8 @@ async def test_tensors_over_tcp_arrive_whole_and_without_copies() -> None:
     flow = sf.Flow("recv")
     flow.source("tcp", source).sink("out", sf.collect(records))
     async with flow.start() as running:
-        _, port = await source.wait_listening()  # type: ignore[misc]
+        await source.wait_listening()
+        port = source.port
         sender = sf.Flow("send")
         sender.source("tensors", [*small, big]).sink("tcp", ClientSink(port=port, codec=TENSOR))
         await sender.run()
@@ -94,7 +95,8 @@ async def test_malformed_frames_are_skipped_and_logged_and_the_flow_goes_on() ->
     liar = b"SFT1" + struct.pack("<I", len(header)) + header + b"\0" * 16  # 16 of 4000 bytes
     with capture_logs() as logs:
         async with flow.start() as running:
-            _, port = await source.wait_listening()  # type: ignore[misc]
+            await source.wait_listening()
+            port = source.port
             await _raw_client(port, _frame(good) + _frame(liar) + _frame(good))
             await _raw_client(port, _frame(good) + struct.pack(">I", 1 << 20) + b"x" * 100)
             await _raw_client(port, _frame(good) + struct.pack(">I", 500) + b"y" * 10)
@@ -120,7 +122,8 @@ async def test_connection_limit_refuses_extra_clients() -> None:
     flow.source("tcp", source).sink("out", sf.collect(out))
     with capture_logs() as logs:
         async with flow.start() as running:
-            _, port = await source.wait_listening()  # type: ignore[misc]
+            await source.wait_listening()
+            port = source.port
             conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
             await until(lambda: source.refused == 1)
             third_reader = conns[2][0]
@@ -148,7 +151,8 @@ async def test_a_slow_flow_stops_reading_so_tcp_pushes_back_on_the_sender() -> N
     flow.source("tcp", source).map("slow", slow, capacity=1).sink("out", sf.collect(), capacity=1)
     payload = b"z" * 65536
     async with flow.start() as running:
-        _, port = await source.wait_listening()  # type: ignore[misc]
+        await source.wait_listening()
+        port = source.port
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         sent = 0
 
@@ -176,7 +180,7 @@ async def test_server_sink_broadcasts_to_a_client_source() -> None:
     sink = ServerSink(port=0, codec=TensorCodec(framework="numpy"))
     received: list[Any] = []
     async with sink:
-        _, port = sink.address  # type: ignore[misc]
+        port = sink.port
         source = ClientSource(port=port, codec=TensorCodec(framework="numpy"))
         flow = sf.Flow("client")
         flow.source("tcp", source).map("decode", connectors.decode).sink(
