@@ -188,8 +188,8 @@ class FunctionRunner(Runner):
                 await self._run_windowed()
             elif self.node.concurrency > 1:
                 await self._run_concurrent()
-            elif self.node.kind == "map" and self.invoke.is_async and not self.envelope:
-                await self._run_map_async()
+            elif self.node.kind == "map" and not self.envelope and self._on_loop():
+                await self._run_map_fast()
             else:
                 await self._run_sequential()
 
@@ -229,11 +229,17 @@ class FunctionRunner(Runner):
 
     # -- loops -------------------------------------------------------------------------
 
-    async def _run_map_async(self) -> None:
-        """The hot path: an async map function, no envelope, one item at a time."""
+    def _on_loop(self) -> bool:
+        """The function runs on the event loop (async, or plain with no device)."""
+        return self.invoke.is_async or (
+            self.node.device is None and not inspect.isasyncgenfunction(self.invoke.fn)
+        )
+
+    async def _run_map_fast(self) -> None:
+        """The hot path: a map function on the loop, no envelope, one item at a time."""
         assert self.inbox is not None
         receive, emit, fn, c = self.inbox.receive, self._emit, self.invoke.fn, self.c
-        record = c.record
+        record, is_async, awaitable = c.record, self.invoke.is_async, inspect.isawaitable
         n = 0
         while True:
             try:
@@ -243,7 +249,12 @@ class FunctionRunner(Runner):
             c.items_in += 1
             t0 = _perf()
             try:
-                value = await fn(msg.value)
+                if is_async:
+                    value = await fn(msg.value)
+                else:
+                    value = fn(msg.value)
+                    if awaitable(value):
+                        value = await value
             except Exception as exc:
                 record(_perf() - t0)
                 ok, value = await self._recover(msg, exc)
@@ -486,7 +497,6 @@ class FunctionRunner(Runner):
             msg._done(Outcome.DEAD_LETTERED)
             return False, None
         raise StageError(self.name, msg.value, exc, flow=self.rt.name, meta=msg.meta) from exc
-
 
     def _handled(self, policy: str, msg: Message[Any], attempts: int, exc: Exception) -> None:
         log.warning(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from .._devices import parse_device as _parse_any
 
-__all__ = ["check_devices", "is_cuda", "parse_device", "timing_class"]
+__all__ = ["check_devices", "intra_op_threads", "is_cuda", "parse_device", "timing_class"]
 
 
 def parse_device(name: str) -> tuple[str, int]:
@@ -47,3 +48,10 @@ def is_cuda(name: str) -> bool:
 def timing_class(name: str) -> str:
     """Devices with identical speed share a class: every CPU worker is ``"cpu"``; GPUs are their own."""
     return "cpu" if parse_device(name)[0] == "cpu" else name
+
+
+def intra_op_threads(cpu_parts: int) -> int:
+    """PyTorch intra-op threads for each of ``cpu_parts`` CPU workers: the cores left after
+    one for the event loop, shared out (at least one each). A worker whose OpenMP threads
+    took every core would starve the loop that feeds it."""
+    return max(1, ((os.cpu_count() or 1) - 1) // max(1, cpu_parts))

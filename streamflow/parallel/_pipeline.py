@@ -19,6 +19,7 @@ from .._graph import Flow
 from .._io import iterate
 from .._metrics import StageMetrics, _Counters
 from .._stage import Stage
+from ._devices import intra_op_threads
 from ._layers import named_layers
 from ._plan import Objective, Plan, plan
 from ._profile import profile
@@ -40,6 +41,7 @@ def pipeline(
     objective: Objective = "throughput",
     capacity: int = 4,
     cuda_graphs: bool = False,
+    inline_below: float = 5e-4,
 ) -> Pipeline:
     """Split ``model`` layer-wise over ``devices`` for pipelined inference over a stream.
 
@@ -49,7 +51,12 @@ def pipeline(
     :func:`streamflow.parallel.plan`; it may use fewer stages than devices); a list gives the
     layers per stage; a :class:`Plan` is used as it is. ``capacity`` is how many samples may
     wait per part (at most ``capacity`` x parts are in flight). ``cuda_graphs=True`` captures
-    each CUDA part's forward once per input shape and replays it. Use the result as
+    each CUDA part's forward once per input shape and replays it.
+
+    When the plan is a single CPU stage predicted to take less than ``inline_below`` seconds
+    per input batch, the model runs on the event loop itself, like a plain ``def`` stage: handing
+    such a small piece of work to a thread (and sharing the GIL with it) would cost more than
+    the work. Set ``inline_below=0`` to always use a worker thread. Use the result as
     ``stream.map("model", pipe)`` or ``pipe.stream(items)``.
     """
     devs = _resolve_devices(devices)
@@ -71,7 +78,13 @@ def pipeline(
             chosen = plan(prof, devs, objective)
         else:
             chosen = plan(prof, devs, objective, partition=list(partition))
-    return Pipeline([m for _, m in layers], chosen, capacity=capacity, cuda_graphs=cuda_graphs)
+    return Pipeline(
+        [m for _, m in layers],
+        chosen,
+        capacity=capacity,
+        cuda_graphs=cuda_graphs,
+        inline_below=inline_below,
+    )
 
 
 def _resolve_devices(devices: Sequence[str] | Literal["auto"]) -> list[str]:
@@ -103,13 +116,18 @@ class Pipeline:
         *,
         capacity: int = 4,
         cuda_graphs: bool = False,
+        inline_below: float = 0.0,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.plan = plan
         self.in_flight = capacity * len(plan.stages)
+        only = plan.stages[0]
+        self.inline = (
+            len(plan.stages) == 1 and only.device.startswith("cpu") and only.time_s < inline_below
+        )
         cpu_parts = sum(1 for s in plan.stages if s.device.startswith("cpu"))
-        threads = max(1, (os.cpu_count() or 1) // max(1, cpu_parts))
+        threads = intra_op_threads(cpu_parts)
         self.parts: list[PipelinePart] = [
             PipelinePart(
                 nn.Sequential(*layers[s.layer_start : s.layer_end]),
@@ -148,7 +166,7 @@ class Pipeline:
             capacity=capacity,
             overflow=overflow,
             errors=errors,
-            concurrency=self.in_flight,
+            concurrency=1 if self.inline else self.in_flight,
         )
 
     async def stream(self, items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
@@ -288,6 +306,11 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
     async def setup(self) -> None:
         """Place each part on its device's worker: the flow's own worker for that device
         (shared with other stages pinned there) or, outside a flow, a private one."""
+        if self.pipe.inline:
+            part = self.pipe.parts[0]
+            part.counters = _Counters()
+            part.module.eval()
+            return
         pool = self._workers
         if pool is None:
             pool = self._own = WorkerPool()
@@ -301,8 +324,12 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
             await self._own.aclose()
             self._own = None
 
-    def process(self, item: torch.Tensor) -> asyncio.Future[torch.Tensor]:
-        """Start ``item`` on the first part's thread; the future resolves on the loop."""
+    def process(self, item: torch.Tensor) -> asyncio.Future[torch.Tensor] | torch.Tensor:
+        """Start ``item`` on the first part's thread; the future resolves on the loop.
+        (An inline pipeline computes the result right here.)"""
+        if self.pipe.inline:  # the stage's own metrics are the part's
+            with torch.inference_mode():
+                return self.pipe.parts[0].forward(item)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[torch.Tensor] = loop.create_future()
         self._hand(0, item, future, loop)
@@ -352,6 +379,8 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
             resolve_future(*ready.popleft())
 
     def sub_metrics(self) -> dict[str, StageMetrics]:
+        if self.pipe.inline:
+            return {}
         return {
             f"{self.name}[{p.index}]": p.counters.snapshot(f"{self.name}[{p.index}]", "part", 0, 0)
             for p in self.pipe.parts

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import copy
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ from torch import nn
 from .._devices import Worker, resolve_future
 from .._metrics import StageMetrics, _Counters
 from .._stage import Stage
+from ._devices import intra_op_threads
 from ._layers import named_layers
 from ._pipeline import _resolve_devices
 from ._plan import Objective, Plan, StagePlan, plan
@@ -100,7 +100,7 @@ class OnlineTrainer:
         layers = named_layers(model, example)
         self.plan = _choose_plan(layers, devs, example, partition, objective)
         cpu_parts = sum(1 for s in self.plan.stages if s.device.startswith("cpu"))
-        threads = max(1, (os.cpu_count() or 1) // max(1, cpu_parts))
+        threads = intra_op_threads(cpu_parts)
         modules = [m for _, m in layers]
         _check_no_shared_parameters(modules, self.plan)
         self.parts = [

@@ -201,7 +201,7 @@ async def test_parts_share_the_flows_device_workers() -> None:
         return y
 
     model = nn.Sequential(nn.Linear(4, 4), Where())
-    pipe = sf.pipeline(model, ["cpu:1"], torch.randn(1, 4), partition=[2])
+    pipe = sf.pipeline(model, ["cpu:1"], torch.randn(1, 4), partition=[2], inline_below=0)
     seen["part"].clear()  # profiling ran the model on this thread
     flow = sf.Flow("shared")
     flow.source("s", [torch.randn(1, 4)] * 5).map("model", pipe).map(
@@ -256,3 +256,25 @@ async def test_two_parts_may_share_a_device() -> None:
     assert_same(await run_flow(pipe, frames), reference(model, frames))
     with pytest.raises(ValueError, match="more than once"):
         sf.pipeline(model, ["cpu:0", "cpu:0"], frames[0])  # the planner needs distinct devices
+
+
+async def test_a_small_single_stage_runs_inline_on_the_loop() -> None:
+    """Handing a tiny model to a thread costs more than running it: one small stage runs on
+    the event loop, exactly like the sequential model."""
+    names: set[str] = set()
+
+    class Where(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            names.add(threading.current_thread().name)
+            return x
+
+    model = nn.Sequential(nn.Linear(4, 4), Where())
+    pipe = sf.pipeline(model, ["cpu:0", "cpu:1"], torch.randn(1, 4))
+    assert pipe.plan.partition == [2] and pipe.inline
+    frames = [torch.randn(1, 4) for _ in range(5)]
+    names.clear()
+    outputs = await run_flow(pipe, frames)
+    assert names == {threading.current_thread().name}  # not a streamflow-cpu:N worker
+    assert_same(outputs, reference(model, frames))
+    big = sf.pipeline(model, ["cpu:0"], torch.randn(1, 4), inline_below=0)
+    assert not big.inline
