@@ -301,6 +301,8 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
         self._own: WorkerPool | None = None
         self._ready: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
         self._wake_pending = False
+        self._started = 0  # samples handed to the first part (written by the loop only)
+        self._finished = 0  # samples out of the last part (written by part threads only)
         self.steps: list[Callable[[Any, BaseException | None], None]] = []
 
     async def setup(self) -> None:
@@ -332,6 +334,7 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
                 return self.pipe.parts[0].forward(item)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._started += 1
         self._hand(0, item, future, loop)
         return future
 
@@ -365,10 +368,14 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
         result: Any,
         error: BaseException | None,
     ) -> None:
-        """From a part's thread: queue a result; wake the loop only if no wake-up is pending,
-        so results that finish while the loop is busy are settled in one go."""
+        """From a part's thread: queue a result. Wake the loop only when the pipeline runs
+        low (half its samples or fewer still inside) and no wake-up is pending: while the
+        pipeline is full, results are settled (and new samples started) in groups, so the
+        loop does not compete with the parts for the cores once per sample."""
         self._ready.append((future, result, error))
-        if not self._wake_pending:
+        self._finished += 1
+        inside = self._started - self._finished
+        if not self._wake_pending and inside <= self.pipe.in_flight // 2:
             self._wake_pending = True
             loop.call_soon_threadsafe(self._settle_ready)
 
