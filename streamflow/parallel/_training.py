@@ -271,6 +271,7 @@ class _TrainerStage(Stage[Any, torch.Tensor]):
         self.failure: TrainingError | None = None
         self.closing = False
         self.k = 0
+        self.finished = 0  # predictions out of the last part (written by its thread only)
         self.ready: deque[tuple[int, torch.Tensor]] = deque()  # predictions to settle
         self.wakeup = False  # a _settle call is scheduled on the loop
 
@@ -329,7 +330,11 @@ class _TrainerStage(Stage[Any, torch.Tensor]):
         """On the last part's thread: emit the prediction, then return the loss."""
         pred = out.detach()
         self.ready.append((job.k, pred))
-        if not self.wakeup:  # one wake-up of the loop settles every prediction ready by then
+        self.finished += 1
+        # Wake the loop only when the pipeline runs half empty (and no wake-up is pending):
+        # while it is full, predictions are settled and new samples started in groups, so the
+        # loop does not compete with the parts for the cores once per sample.
+        if not self.wakeup and self.k - self.finished <= self.trainer.in_flight // 2:
             self.wakeup = True
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 self.loop.call_soon_threadsafe(self._settle)
