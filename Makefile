@@ -30,8 +30,11 @@ lint: setup
 	$(BIN)/ruff check streamflow connectors tests benchmarks examples
 	$(BIN)/mypy
 
-bench: setup
+bench: setup brokers
 	$(BIN)/python benchmarks/hop.py
+	$(BIN)/python benchmarks/pipeline_inference.py
+	$(BIN)/python benchmarks/pipeline_training.py
+	$(BIN)/python benchmarks/kafka_throughput.py
 
 clean: brokers-stop
 	rm -rf $(VENV) .brokers .pytest_cache .mypy_cache
