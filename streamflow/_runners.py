@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -345,59 +345,46 @@ class FunctionRunner(Runner):
             await self._emit(msg)
 
     async def _run_concurrent(self) -> None:
-        """Up to ``concurrency`` items at once; emit in input order unless ``ordered=False``."""
+        """Up to ``concurrency`` items at once, one task each; emit in input order unless
+        ``ordered=False`` (then as they complete). A new item starts as soon as it arrives
+        and there is room; a failure surfaces when it is the item's turn to be emitted."""
         assert self.inbox is not None
+        inbox, emit, produce, c = self.inbox, self._emit, self.produce, self.c
         k, ordered = self.node.concurrency, self.node.ordered
         loop = asyncio.get_running_loop()
-        results: Channel[asyncio.Future[list[Message[Any]]]] = Channel(k)
-        window = asyncio.Semaphore(k)
-        failure: list[BaseException] = []
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._emit_results, results, window, failure, tg.cancel_scope)
-            async with anyio.create_task_group() as workers:
-                while True:
+        window: deque[asyncio.Task[list[Message[Any]]]] = deque()
+        closed = False
+        try:
+            while True:
+                while not closed and len(window) < k and (not window or len(inbox)):
                     try:
-                        msg = await self.inbox.receive()
+                        msg = await inbox.receive()
                     except ChannelClosed:
+                        closed = True
                         break
-                    self.c.items_in += 1
-                    await window.acquire()
-                    future: asyncio.Future[list[Message[Any]]] = loop.create_future()
-                    if ordered:
-                        results.send_nowait(future)
-                    workers.start_soon(self._work, msg, future, None if ordered else results)
-            results.close()
-        if failure:
-            raise failure[0]
-
-    async def _work(
-        self,
-        msg: Message[Any],
-        future: asyncio.Future[list[Message[Any]]],
-        done: Channel[asyncio.Future[list[Message[Any]]]] | None,
-    ) -> None:
-        try:
-            future.set_result(await self.produce(msg))
-        except Exception as exc:
-            future.set_exception(exc)
-        if done is not None:
-            done.send_nowait(future)
-
-    async def _emit_results(
-        self,
-        results: Channel[asyncio.Future[list[Message[Any]]]],
-        window: asyncio.Semaphore,
-        failure: list[BaseException],
-        scope: anyio.CancelScope,
-    ) -> None:
-        try:
-            async for future in results:
-                for out in await future:
-                    await self._emit(out)
-                window.release()
-        except Exception as exc:
-            failure.append(exc)
-            scope.cancel()
+                    c.items_in += 1
+                    window.append(loop.create_task(produce(msg)))
+                if not window:
+                    return
+                if ordered:
+                    ready = [window[0]] if window[0].done() else []
+                else:
+                    ready = [t for t in window if t.done()]
+                if not ready:
+                    watch = [window[0]] if ordered else list(window)
+                    room = not closed and len(window) < k
+                    await _wait_first(watch, inbox if room else None)
+                    continue
+                for task in ready:
+                    window.remove(task)
+                    for out in task.result():
+                        await emit(out)
+        finally:
+            for task in window:
+                task.cancel()
+            if window:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.gather(*window, return_exceptions=True)
 
     # -- per kind ----------------------------------------------------------------------
 
@@ -513,21 +500,29 @@ class FunctionRunner(Runner):
 
 async def _first_of(head: asyncio.Future[Any], inbox: Channel[Any]) -> bool:
     """Wait until ``head`` is done or ``inbox`` has an item (or closes); True for the inbox."""
-    wake: asyncio.Future[None] = head.get_loop().create_future()
+    await _wait_first([head], inbox)
+    return not head.done()
+
+
+async def _wait_first(futures: Sequence[asyncio.Future[Any]], inbox: Channel[Any] | None) -> None:
+    """Wait until one of ``futures`` is done, or ``inbox`` (if given) has an item or closes."""
+    wake: asyncio.Future[None] = futures[0].get_loop().create_future()
 
     def done(_: object) -> None:
         if not wake.done():
             wake.set_result(None)
 
-    head.add_done_callback(done)
-    inbox._receivers.append(wake)
+    for future in futures:
+        future.add_done_callback(done)
+    if inbox is not None:
+        inbox._receivers.append(wake)
     try:
         await wake
     finally:
-        head.remove_done_callback(done)
-        if wake in inbox._receivers:
+        for future in futures:
+            future.remove_done_callback(done)
+        if inbox is not None and wake in inbox._receivers:
             inbox._receivers.remove(wake)
-    return not head.done()
 
 
 class _Raised:
