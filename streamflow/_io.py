@@ -21,6 +21,12 @@ class Source(Protocol[T_co]):
     manager is entered when the flow starts and exited after the flow has drained, so it can
     commit what was acked and close its client. The flow stops a source by cancelling its
     ``__anext__``; an item already yielded is never lost.
+
+    Optional fast path: a source with a plain ``receive_nowait()`` method (returning an item it
+    already holds, raising ``asyncio.QueueEmpty`` when it has none and ``StopAsyncIteration``
+    or :class:`~streamflow.ChannelClosed` at its end) is read through it first, and
+    ``__anext__`` is awaited only when nothing is buffered. A :class:`~streamflow.Channel`
+    has this shape.
     """
 
     def __aiter__(self) -> AsyncIterator[T_co]: ...

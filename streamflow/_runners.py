@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -114,7 +114,7 @@ class SourceRunner(Runner):
                 if isinstance(source, iterate) and isinstance(it := aiter(source), _AsyncIter):
                     await self._pull_sync(it._it)
                 else:
-                    await self._pull(aiter(source))
+                    await self._pull(aiter(source), getattr(source, "receive_nowait", None))
             finally:
                 for out in self.outboxes:
                     out._writer_done()
@@ -133,10 +133,27 @@ class SourceRunner(Runner):
                 if self._stopping:
                     return
 
-    async def _pull(self, it: AsyncIterator[Any]) -> None:
+    async def _pull(self, it: AsyncIterator[Any], receive_nowait: Callable[[], Any] | None) -> None:
+        """Pull until the source ends or the flow stops it. A source with ``receive_nowait()``
+        (an item it already holds, or ``asyncio.QueueEmpty``) is read without a cancel scope
+        per item; ``__anext__`` is awaited, cancellably, only when it has nothing."""
         emit, wrap = self._emit, self._wrap
+        n = 0
         try:
             while not self._stopping:
+                if receive_nowait is not None:
+                    try:
+                        item = receive_nowait()
+                    except asyncio.QueueEmpty:
+                        pass
+                    except (StopAsyncIteration, ChannelClosed):
+                        return
+                    else:
+                        await emit(wrap(item))
+                        n += 1
+                        if n & _CHECKPOINT == 0:
+                            await asyncio.sleep(0)
+                        continue
                 with anyio.CancelScope() as scope:
                     self._scope = scope
                     try:

@@ -214,6 +214,12 @@ class KafkaSource:
     def __aiter__(self) -> KafkaSource:
         return self
 
+    def receive_nowait(self) -> sf.Message[Record]:
+        """A record already fetched (the flow's fast path); ``asyncio.QueueEmpty`` if none."""
+        if not self._buffer:
+            raise asyncio.QueueEmpty
+        return self._next()
+
     async def __anext__(self) -> sf.Message[Record]:
         buffer = self._buffer
         while not buffer:
@@ -223,7 +229,10 @@ class KafkaSource:
                 raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
             self._ready.clear()
             await self._ready.wait()
-        part, rec = buffer.popleft()
+        return self._next()
+
+    def _next(self) -> sf.Message[Record]:
+        part, rec = self._buffer.popleft()
         self.stats.yielded += 1
         topic, partition, offset = rec.topic, rec.partition, rec.offset
         value = rec.value

@@ -150,6 +150,14 @@ class ServerSource:
     def __aiter__(self) -> ServerSource:
         return self
 
+    def receive_nowait(self) -> Record:
+        """A frame already received (the flow's fast path); ``asyncio.QueueEmpty`` if none."""
+        inbox = self._inbox
+        record = inbox.get_nowait() if inbox is not None else None
+        if record is None:  # (a Record may be empty, so falsy: compare with None)
+            raise asyncio.QueueEmpty
+        return record
+
     async def __anext__(self) -> Record:
         inbox = self._inbox
         if inbox is None:
@@ -272,6 +280,14 @@ class ClientSource:
 
     def __aiter__(self) -> ClientSource:
         return self
+
+    def receive_nowait(self) -> Record:
+        """A frame already received (the flow's fast path); ``asyncio.QueueEmpty`` if none."""
+        inbox = self._inbox
+        record = inbox.get_nowait() if inbox is not None else None
+        if record is None:  # (a Record may be empty, so falsy: compare with None)
+            raise asyncio.QueueEmpty
+        return record
 
     async def __anext__(self) -> Record:
         inbox = self._inbox

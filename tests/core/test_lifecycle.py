@@ -146,3 +146,27 @@ async def test_flow_embedded_next_to_other_work() -> None:
             app_ticks += 1
         assert running.metrics()["o"].items_out > 0
     assert app_ticks == 20
+
+
+async def test_a_channel_is_a_source_read_without_waiting_when_it_holds_items() -> None:
+    inbox: sf.Channel[int] = sf.Channel(64)
+    out: list[int] = []
+    flow = sf.Flow("f")
+    flow.source("inbox", inbox).map("m", lambda x: x * 2).sink("o", sf.collect(out))
+    async with flow.start() as running:
+        for i in range(200):
+            await inbox.send(i)
+        while len(out) < 200:
+            await asyncio.sleep(0.001)
+        await running.stop()  # the source waits on an empty, open channel: stop cancels that
+    assert out == [2 * i for i in range(200)]
+
+    ended: sf.Channel[int] = sf.Channel(4)
+    for i in range(3):
+        ended.send_nowait(i)
+    ended.close()
+    out.clear()
+    flow = sf.Flow("g")
+    flow.source("ended", ended).sink("o", sf.collect(out))
+    await flow.run()  # receive_nowait raises ChannelClosed at the end: the flow completes
+    assert out == [0, 1, 2]
