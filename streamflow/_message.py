@@ -68,7 +68,7 @@ class Message(Generic[T]):
         child._ack = ack
         return child
 
-    def _done(self, outcome: Outcome) -> None:
+    def _done(self, outcome: int) -> None:
         ack = self._ack
         if ack is not None:
             self._ack = None
@@ -76,24 +76,28 @@ class Message(Generic[T]):
 
 
 class _Ack:
-    """Reference-counted acknowledgement shared by every item derived from one source item."""
+    """Reference-counted acknowledgement shared by every item derived from one source item.
+
+    Outcomes are accumulated as plain ints (``Outcome`` values; enum arithmetic is slow on
+    the per-item path) and turned into an :class:`Outcome` once, when the ack fires.
+    """
 
     __slots__ = ("callback", "counter", "outcome", "pending")
 
     def __init__(self, callback: AckCallback | None) -> None:
         self.callback = callback
-        self.counter: Callable[[Outcome], None] | None = None
+        self.counter: Callable[[int], None] | None = None
         self.pending = 1
-        self.outcome = Outcome(0)
+        self.outcome = 0
 
-    def done(self, outcome: Outcome) -> None:
+    def done(self, outcome: int) -> None:
         self.outcome |= outcome
         self.pending -= 1
         if self.pending == 0:
             if self.counter is not None:
                 self.counter(self.outcome)
             if self.callback is not None:
-                self.callback(self.outcome)
+                self.callback(Outcome(self.outcome))
 
 
 class _AckGroup(_Ack):
@@ -105,9 +109,17 @@ class _AckGroup(_Ack):
         super().__init__(None)
         self.members = members
 
-    def done(self, outcome: Outcome) -> None:
+    def done(self, outcome: int) -> None:
         self.outcome |= outcome
         self.pending -= 1
         if self.pending == 0:
             for member in self.members:
                 member._done(self.outcome)
+
+
+# Outcome values as ints, for the per-item path.
+DELIVERED = Outcome.DELIVERED.value
+FILTERED = Outcome.FILTERED.value
+DROPPED = Outcome.DROPPED.value
+SKIPPED = Outcome.SKIPPED.value
+DEAD_LETTERED = Outcome.DEAD_LETTERED.value

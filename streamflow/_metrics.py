@@ -72,7 +72,7 @@ class _Counters:
         self.lat_i = 0
         self.e2e: list[float] = []
         self.e2e_i = 0
-        self.outcomes: dict[Outcome, int] = {}
+        self.outcomes: dict[int, int] = {}  # by Outcome value
         self.started = time.perf_counter()
         self.stopped: float | None = None
 
@@ -94,7 +94,7 @@ class _Counters:
             e2e[self.e2e_i] = seconds
             self.e2e_i = (self.e2e_i + 1) & (_SAMPLES - 1)
 
-    def count_outcome(self, outcome: Outcome) -> None:
+    def count_outcome(self, outcome: int) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def snapshot(self, stage: str, kind: str, depth: int, capacity: int) -> StageMetrics:
@@ -118,7 +118,7 @@ class _Counters:
             latency_p99_s=p99,
             end_to_end_p50_s=e50,
             end_to_end_p99_s=e99,
-            outcomes={_name(k): v for k, v in self.outcomes.items()},
+            outcomes={_name(Outcome(k)): v for k, v in self.outcomes.items()},
         )
 
 

@@ -17,7 +17,15 @@ from ._calls import Invoker, is_async
 from ._channel import _TIMEOUT, Channel
 from ._errors import ChannelClosed, ChannelFull, StageError, describe_item
 from ._io import _AsyncIter, iterate
-from ._message import Message, Outcome, _Ack, _AckGroup
+from ._message import (
+    DEAD_LETTERED,
+    DELIVERED,
+    FILTERED,
+    SKIPPED,
+    Message,
+    _Ack,
+    _AckGroup,
+)
 from ._metrics import _Counters
 from ._policy import DeadLetter, FailedItem, Retry
 from ._stage import Stage
@@ -205,7 +213,7 @@ class FunctionRunner(Runner):
                 await self._run_windowed()
             elif self.node.concurrency > 1:
                 await self._run_concurrent()
-            elif self.node.kind == "map" and not self.envelope and self._on_loop():
+            elif self.node.kind in ("map", "sink") and not self.envelope and self._on_loop():
                 await self._run_map_fast()
             else:
                 await self._run_sequential()
@@ -253,10 +261,12 @@ class FunctionRunner(Runner):
         )
 
     async def _run_map_fast(self) -> None:
-        """The hot path: a map function on the loop, no envelope, one item at a time."""
+        """The hot path: a map or sink function on the loop, no envelope, one at a time."""
         assert self.inbox is not None
         receive, emit, fn, c = self.inbox.receive, self._emit, self.invoke.fn, self.c
         record, is_async, awaitable = c.record, self.invoke.is_async, inspect.isawaitable
+        sink = self.node.kind == "sink"
+        plain: set[type] = set()  # result types known not to be awaitable
         n = 0
         while True:
             try:
@@ -270,8 +280,11 @@ class FunctionRunner(Runner):
                     value = await fn(msg.value)
                 else:
                     value = fn(msg.value)
-                    if awaitable(value):
-                        value = await value
+                    if type(value) not in plain:
+                        if awaitable(value):
+                            value = await value
+                        else:
+                            plain.add(type(value))
             except Exception as exc:
                 record(_perf() - t0)
                 ok, value = await self._recover(msg, exc)
@@ -279,9 +292,13 @@ class FunctionRunner(Runner):
                     continue
             else:
                 record(_perf() - t0)
-            msg.value = value
             c.items_out += 1
-            await emit(msg)
+            if sink:
+                c.record_e2e(_perf() - msg._born)
+                msg._done(DELIVERED)
+            else:
+                msg.value = value
+                await emit(msg)
             n += 1
             if n & _CHECKPOINT == 0:
                 await asyncio.sleep(0)
@@ -430,7 +447,7 @@ class FunctionRunner(Runner):
         if keep:
             self.c.items_out += 1
             return [msg]
-        msg._done(Outcome.FILTERED)
+        msg._done(FILTERED)
         return []
 
     async def _produce_flat(self, msg: Message[Any]) -> list[Message[Any]]:
@@ -438,10 +455,10 @@ class FunctionRunner(Runner):
         if not ok:
             return []
         if not values:
-            msg._done(Outcome.FILTERED)
+            msg._done(FILTERED)
             return []
         children = [msg._derive(v) for v in values]
-        msg._done(Outcome(0))  # the children hold the ack now
+        msg._done(0)  # the children hold the ack now
         self.c.items_out += len(children)
         return children
 
@@ -450,7 +467,7 @@ class FunctionRunner(Runner):
         if ok:
             self.c.items_out += 1
             self.c.record_e2e(_perf() - msg._born)
-            msg._done(Outcome.DELIVERED)
+            msg._done(DELIVERED)
         return []
 
     # -- errors ------------------------------------------------------------------------
@@ -491,14 +508,14 @@ class FunctionRunner(Runner):
         if policy == "skip":
             c.skipped += 1
             self._handled("skip", msg, attempts, exc)
-            msg._done(Outcome.SKIPPED)
+            msg._done(SKIPPED)
             return False, None
         if isinstance(policy, DeadLetter):
             failed = FailedItem(self.rt.name, self.name, msg.value, msg.meta, exc, attempts)
             sink = policy.sink
             await (sink(failed) if callable(sink) else sink.send(failed))
             self._handled("dead_letter", msg, attempts, exc)
-            msg._done(Outcome.DEAD_LETTERED)
+            msg._done(DEAD_LETTERED)
             return False, None
         raise StageError(self.name, msg.value, exc, flow=self.rt.name, meta=msg.meta) from exc
 
@@ -612,11 +629,11 @@ class UnbatchRunner(Runner):
                     out.value = value
                 msg._ack = None
             elif not values:
-                msg._done(Outcome.FILTERED)
+                msg._done(FILTERED)
                 continue
             else:
                 outs = [msg._derive(v) for v in values]
-                msg._done(Outcome(0))
+                msg._done(0)
             c.items_out += len(outs)
             for out in outs:
                 await emit(out)

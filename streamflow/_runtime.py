@@ -12,7 +12,7 @@ import structlog
 from ._channel import Channel
 from ._devices import WorkerPool
 from ._errors import StageError
-from ._message import Message, Outcome
+from ._message import DROPPED, Message
 from ._metrics import StageMetrics
 from ._runners import Runner, SourceRunner, make_runner
 from ._stage import Stage
@@ -214,7 +214,7 @@ class RunningFlow:
     def _dropper(self, stage: str) -> Any:
         def dropped(msg: Message[Any]) -> None:
             self._by_name[stage].c.dropped += 1
-            msg._done(Outcome.DROPPED)
+            msg._done(DROPPED)
 
         return dropped
 
