@@ -24,7 +24,31 @@ log = structlog.get_logger("streamflow")
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 
 
-class ServerSource:
+class _InboxReader:
+    """Reading the frames an :class:`Inbox` holds: the flow's source protocol."""
+
+    _inbox: Inbox | None
+
+    def __aiter__(self) -> _InboxReader:
+        return self
+
+    def receive_nowait(self) -> Record:
+        """A frame already received (the flow's fast path); ``asyncio.QueueEmpty`` if none."""
+        inbox = self._inbox
+        record = inbox.get_nowait() if inbox is not None else None
+        if record is None:  # (a Record may be empty, so falsy: compare with None)
+            raise asyncio.QueueEmpty
+        return record
+
+    async def __anext__(self) -> Record:
+        inbox = self._inbox
+        if inbox is None:
+            raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
+        record = inbox.get_nowait()  # fast path, no coroutine (a Record may be empty: falsy)
+        return record if record is not None else await inbox.get()
+
+
+class ServerSource(_InboxReader):
     """Listen on ``host``/``port`` (TCP, ``127.0.0.1`` by default; ``port=0`` picks a free
     one) or ``path`` (Unix socket) and yield every length-prefixed frame any client sends, as
     :class:`~connectors.Record` values (``position``: ``peer`` and ``frame`` number).
@@ -147,24 +171,6 @@ class ServerSource:
         self._readers.discard(reader)
         log.info("connector.disconnected", source=self.name, peer=reader.peer, frames=reader.frames)
 
-    def __aiter__(self) -> ServerSource:
-        return self
-
-    def receive_nowait(self) -> Record:
-        """A frame already received (the flow's fast path); ``asyncio.QueueEmpty`` if none."""
-        inbox = self._inbox
-        record = inbox.get_nowait() if inbox is not None else None
-        if record is None:  # (a Record may be empty, so falsy: compare with None)
-            raise asyncio.QueueEmpty
-        return record
-
-    async def __anext__(self) -> Record:
-        inbox = self._inbox
-        if inbox is None:
-            raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
-        record = inbox.get_nowait()  # fast path, no coroutine (a Record may be empty: falsy)
-        return record if record is not None else await inbox.get()
-
 
 class _Refuse(asyncio.Protocol):
     """Closes a connection over the limit at once."""
@@ -184,7 +190,7 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
-class ClientSource:
+class ClientSource(_InboxReader):
     """Connect to ``host``/``port`` (or the Unix socket ``path``) and yield the frames the
     server sends, as :class:`~connectors.Record` values.
 
@@ -277,21 +283,3 @@ class ClientSource:
                 inbox.close()
                 return
             log.warning("connector.disconnected", source=self.name, error=repr(lost))
-
-    def __aiter__(self) -> ClientSource:
-        return self
-
-    def receive_nowait(self) -> Record:
-        """A frame already received (the flow's fast path); ``asyncio.QueueEmpty`` if none."""
-        inbox = self._inbox
-        record = inbox.get_nowait() if inbox is not None else None
-        if record is None:  # (a Record may be empty, so falsy: compare with None)
-            raise asyncio.QueueEmpty
-        return record
-
-    async def __anext__(self) -> Record:
-        inbox = self._inbox
-        if inbox is None:
-            raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
-        record = inbox.get_nowait()  # fast path, no coroutine (a Record may be empty: falsy)
-        return record if record is not None else await inbox.get()
