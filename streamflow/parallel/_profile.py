@@ -96,21 +96,49 @@ def _measure_layers(
     *,
     grad: bool = True,
 ) -> tuple[list[float], list[float], list[int]]:
-    """Per-layer (forward seconds, backward seconds, output bytes) on ``device``."""
-    forward: list[float] = []
+    """Per-layer (forward seconds, backward seconds, output bytes) on ``device``.
+
+    Forward times are taken in context: the whole chain runs ``warmup + repeats`` times and
+    each layer is timed where it sits, so a layer pays the cache misses that the layers
+    around it cause (timed alone, a layer whose weights fit in cache looks faster than it
+    will be in a stage). Backward times are per layer in isolation.
+    """
     backward: list[float] = []
     out_bytes: list[int] = []
     with _bench_context(device):
-        x: Any = example.to(_torch_device(device))
-        for layer in layers:
-            placed = _placed(layer, device)
+        start: Any = example.to(_torch_device(device))
+        placed = [_placed(layer, device) for layer in layers]
+        x = start
+        for layer in placed:
             with torch.no_grad():  # a fresh copy of the input per run: layers may work in place
-                forward.append(_median_time(placed, device, warmup, repeats, arg=x))
-                y = placed(_fresh(x))
-            backward.append(_backward_time(placed, x, device, warmup, repeats) if grad else 0.0)
+                y = layer(_fresh(x))
+            backward.append(_backward_time(layer, x, device, warmup, repeats) if grad else 0.0)
             out_bytes.append(_nbytes(y))
             x = y
+        forward = _chain_times(placed, start, device, warmup, repeats)
     return forward, backward, out_bytes
+
+
+def _chain_times(
+    layers: list[nn.Module], example: Any, device: str, warmup: int, repeats: int
+) -> list[float]:
+    """Median seconds of each layer, timed inside full runs of the chain."""
+    samples: list[list[float]] = [[] for _ in layers]
+    cuda = is_cuda(device)
+    with torch.no_grad():
+        for run in range(warmup + repeats):
+            x = example
+            for i, layer in enumerate(layers):
+                arg = _fresh(x)  # untimed copy: layers may work in place
+                if cuda:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                x = layer(arg)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                if run >= warmup:
+                    samples[i].append(time.perf_counter() - start)
+    return [statistics.median(s) for s in samples]
 
 
 def _backward_time(layer: nn.Module, x: Any, device: str, warmup: int, repeats: int) -> float:
