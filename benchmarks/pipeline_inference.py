@@ -152,7 +152,12 @@ async def streamflow_run(pipe: Any, frames: list[torch.Tensor]) -> tuple[Result,
     return res, outputs
 
 
-def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int) -> None:
+def _median(results: list[Result]) -> Result:
+    """The round with the median throughput (its latencies come with it)."""
+    return sorted(results, key=lambda r: r.throughput)[len(results) // 2]
+
+
+def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int, repeats: int) -> None:
     model.eval()
     frames = [torch.randn_like(example) for _ in range(n)]
     pipe = sf.pipeline(model, devices=["cpu:0", "cpu:1"], example=example)
@@ -162,17 +167,25 @@ def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int) -> No
         else len(sf.parallel.split_layers(model)) // 2
     )
     first, second = _halves(model, cut)
-    seq = max((sequential(model, frames, t) for t in (1, 2)), key=lambda r: r.throughput)
-    qp = queue_pipeline(first, second, frames)
-    bound = parallel_bound(first, second, frames)
-    sfr, outputs = asyncio.run(streamflow_run(pipe, frames))
+    rounds: dict[str, list[Result]] = {"seq": [], "queue": [], "bound": [], "sf": []}
+    outputs: list[Any] = []
+    for _ in range(repeats):  # interleaved rounds, so drift hits every contender alike
+        rounds["seq"].append(
+            max((sequential(model, frames, t) for t in (1, 2)), key=lambda r: r.throughput)
+        )
+        rounds["queue"].append(queue_pipeline(first, second, frames))
+        rounds["bound"].append(parallel_bound(first, second, frames))
+        result, outputs = asyncio.run(streamflow_run(pipe, frames))
+        rounds["sf"].append(result)
+    seq, qp, bound, sfr = (_median(rounds[k]) for k in ("seq", "queue", "bound", "sf"))
     with torch.inference_mode():
         assert all(
             torch.allclose(model(x), y, atol=1e-5)
             for x, y in zip(frames[:50], outputs[:50], strict=True)
         )
     print(
-        f"\n## {title}: {n} samples, plan {pipe.plan.partition} on "
+        f"\n## {title}: {n} samples, median of {repeats} interleaved rounds, "
+        f"plan {pipe.plan.partition} on "
         f"{pipe.plan.devices}, predicted {pipe.plan.predicted_throughput:,.0f}/s"
     )
     rows = [
@@ -196,6 +209,7 @@ def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["mlp1024", "mlp256", "cnn"], default=None)
     args = parser.parse_args()
     sf.configure_logging(level="warning")
@@ -207,7 +221,7 @@ def main() -> None:
     }
     for key, (title, model, example) in cases.items():
         if args.only in (None, key):
-            bench(title, model, example, args.samples)
+            bench(title, model, example, args.samples, args.repeats)
 
 
 if __name__ == "__main__":
