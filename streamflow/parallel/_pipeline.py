@@ -39,7 +39,7 @@ def pipeline(
     *,
     partition: Literal["auto"] | Sequence[int] | Plan = "auto",
     objective: Objective = "throughput",
-    capacity: int = 4,
+    capacity: int = 8,
     cuda_graphs: bool = False,
     inline_below: float = 5e-4,
 ) -> Pipeline:
@@ -114,7 +114,7 @@ class Pipeline:
         layers: Sequence[nn.Module],
         plan: Plan,
         *,
-        capacity: int = 4,
+        capacity: int = 8,
         cuda_graphs: bool = False,
         inline_below: float = 0.0,
     ) -> None:
