@@ -213,6 +213,12 @@ class MqttSource:
     def __aiter__(self) -> MqttSource:
         return self
 
+    def receive_nowait(self) -> sf.Message[Record]:
+        """A message already received (the flow's fast path); ``asyncio.QueueEmpty`` if none."""
+        if not self._buffer:
+            raise asyncio.QueueEmpty
+        return self._next()
+
     async def __anext__(self) -> sf.Message[Record]:
         buffer = self._buffer
         while not buffer:
@@ -222,7 +228,10 @@ class MqttSource:
                 raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
             self._ready.clear()
             await self._ready.wait()
-        generation, m = buffer.popleft()
+        return self._next()
+
+    def _next(self) -> sf.Message[Record]:
+        generation, m = self._buffer.popleft()
         self._room.set()
         payload = m.payload if isinstance(m.payload, bytes | bytearray) else str(m.payload).encode()
         position = {"topic": m.topic.value, "mid": m.mid, "qos": m.qos}
