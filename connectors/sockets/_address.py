@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 
-__all__ = ["Address"]
+__all__ = ["Address", "Listening"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,3 +29,28 @@ class Address:
         if self.path is not None:
             return f"unix:{self.path}"
         return f"{kind}:{self.host}:{self.port}"
+
+
+class Listening:
+    """The bound address of a server connector (its ``_server`` once the flow started it)."""
+
+    _address: Address
+    _server: asyncio.Server | None
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (after the flow started it; ``port=0`` picks a free one)."""
+        address = self.address
+        if isinstance(address, str):
+            raise RuntimeError(f"{self!r} listens on a Unix socket, not a TCP port")
+        return address[1]
+
+    @property
+    def address(self) -> tuple[str, int] | str:
+        """The bound address, ``(host, port)`` or the socket path (after the flow started)."""
+        if self._server is None:
+            raise RuntimeError(f"{self!r} is not listening yet")
+        if self._address.path is not None:
+            return self._address.path
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return (host, port)

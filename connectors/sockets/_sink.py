@@ -13,7 +13,7 @@ import structlog
 
 from .._backoff import Backoff
 from ..codecs import BYTES, Buffer, Codec
-from ._address import Address
+from ._address import Address, Listening
 from ._framing import encode_frame
 
 __all__ = ["ClientSink", "ServerSink"]
@@ -120,7 +120,7 @@ def _write(writer: asyncio.StreamWriter, parts: list[Buffer]) -> None:
         writer.write(part)
 
 
-class ServerSink:
+class ServerSink(Listening):
     """Listen on ``host``/``port`` (TCP, ``127.0.0.1`` by default) or ``path`` and write each
     item as one frame to every connected client (a broadcast).
 
@@ -150,24 +150,6 @@ class ServerSink:
 
     def __repr__(self) -> str:
         return f"ServerSink({self.name})"
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port (after the flow started it; ``port=0`` picks a free one)."""
-        address = self.address
-        if isinstance(address, str):
-            raise RuntimeError(f"{self!r} listens on a Unix socket, not a TCP port")
-        return address[1]
-
-    @property
-    def address(self) -> tuple[str, int] | str:
-        """The bound address, ``(host, port)`` or the socket path."""
-        if self._server is None:
-            raise RuntimeError(f"{self!r} is not listening yet")
-        if self._address.path is not None:
-            return self._address.path
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return (host, port)
 
     @property
     def connections(self) -> int:

@@ -14,7 +14,7 @@ import structlog
 from .._backoff import Backoff
 from .._record import Record
 from ..codecs import BYTES, Codec
-from ._address import Address
+from ._address import Address, Listening
 from ._framing import FrameReader, Inbox
 
 __all__ = ["ClientSource", "ServerSource"]
@@ -48,7 +48,7 @@ class _InboxReader:
         return record if record is not None else await inbox.get()
 
 
-class ServerSource(_InboxReader):
+class ServerSource(_InboxReader, Listening):
     """Listen on ``host``/``port`` (TCP, ``127.0.0.1`` by default; ``port=0`` picks a free
     one) or ``path`` (Unix socket) and yield every length-prefixed frame any client sends, as
     :class:`~connectors.Record` values (``position``: ``peer`` and ``frame`` number).
@@ -86,24 +86,6 @@ class ServerSource(_InboxReader):
 
     def __repr__(self) -> str:
         return f"ServerSource({self.name})"
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port (after the flow started it; ``port=0`` picks a free one)."""
-        address = self.address
-        if isinstance(address, str):
-            raise RuntimeError(f"{self!r} listens on a Unix socket, not a TCP port")
-        return address[1]
-
-    @property
-    def address(self) -> tuple[str, int] | str:
-        """The bound address, ``(host, port)`` or the socket path (after the flow started)."""
-        if self._server is None:
-            raise RuntimeError(f"{self!r} is not listening yet")
-        if self._address.path is not None:
-            return self._address.path
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return (host, port)
 
     async def wait_listening(self) -> tuple[str, int] | str:
         """Wait until the flow started the server; return :attr:`address`."""
