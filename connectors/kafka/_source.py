@@ -21,11 +21,13 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 import streamflow as sf
 
 from .._backoff import Backoff
+from .._buffered import BufferedSource
 from .._errors import ConnectorError
 from .._inorder import InOrder
 from .._record import Record
 from ..codecs import BYTES, Codec
 from ._security import Security
+from ._start import start_client
 
 __all__ = ["KafkaSource", "KafkaSourceStats"]
 
@@ -70,7 +72,7 @@ class _Partition:
         self.committed: int | None = None
 
 
-class KafkaSource:
+class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
     """Consume ``topics`` as a member of consumer group ``group_id``, at least once.
 
     Yields :class:`streamflow.Message` envelopes around :class:`~connectors.Record` (raw
@@ -167,16 +169,9 @@ class KafkaSource:
             **(self.security.client_kwargs() if self.security else {}),
             **self.consumer_options,
         }
-        backoff = Backoff(self._what(), give_up_after=self.reconnect_timeout)
-        while True:
-            consumer = AIOKafkaConsumer(**kwargs)
-            try:
-                await consumer.start()
-            except KafkaError as exc:
-                await consumer.stop()
-                await backoff.wait(exc)
-                continue
-            break
+        consumer = await start_client(
+            lambda: AIOKafkaConsumer(**kwargs), self._what(), self.reconnect_timeout
+        )
         consumer.subscribe(self.topics, listener=_Listener(self))
         self._consumer = consumer
         self._last_contact = time.monotonic()
@@ -211,25 +206,8 @@ class KafkaSource:
 
     # -- the flow's side -----------------------------------------------------------------
 
-    def __aiter__(self) -> KafkaSource:
-        return self
-
-    def receive_nowait(self) -> sf.Message[Record]:
-        """A record already fetched (the flow's fast path); ``asyncio.QueueEmpty`` if none."""
-        if not self._buffer:
-            raise asyncio.QueueEmpty
-        return self._next()
-
-    async def __anext__(self) -> sf.Message[Record]:
-        buffer = self._buffer
-        while not buffer:
-            if self._error is not None:
-                raise self._error
-            if self._consumer is None:
-                raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
-            self._ready.clear()
-            await self._ready.wait()
-        return self._next()
+    def _running(self) -> bool:
+        return self._consumer is not None
 
     def _next(self) -> sf.Message[Record]:
         part, rec = self._buffer.popleft()

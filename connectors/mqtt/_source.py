@@ -18,6 +18,7 @@ import structlog
 import streamflow as sf
 
 from .._backoff import Backoff
+from .._buffered import BufferedSource
 from .._errors import ConnectorError
 from .._inorder import InOrder
 from .._record import Record
@@ -42,7 +43,7 @@ class MqttSourceStats:
     """Successful connections (more than 1 means it reconnected)."""
 
 
-class MqttSource:
+class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
     """Subscribe to ``topics`` (wildcards ``+`` and ``#`` allowed) and yield each message as a
     :class:`~connectors.Record` (``position``: ``topic``, ``mid``, ``qos``).
 
@@ -210,25 +211,8 @@ class MqttSource:
         buffer.append((self._generation, message))
         self._ready.set()
 
-    def __aiter__(self) -> MqttSource:
-        return self
-
-    def receive_nowait(self) -> sf.Message[Record]:
-        """A message already received (the flow's fast path); ``asyncio.QueueEmpty`` if none."""
-        if not self._buffer:
-            raise asyncio.QueueEmpty
-        return self._next()
-
-    async def __anext__(self) -> sf.Message[Record]:
-        buffer = self._buffer
-        while not buffer:
-            if self._error is not None:
-                raise self._error
-            if self._task is None:
-                raise RuntimeError(f"{self!r} was not started: the flow enters it as a context")
-            self._ready.clear()
-            await self._ready.wait()
-        return self._next()
+    def _running(self) -> bool:
+        return self._task is not None
 
     def _next(self) -> sf.Message[Record]:
         generation, m = self._buffer.popleft()
