@@ -27,6 +27,7 @@ from .._errors import ConnectorError
 from .._record import Record
 from ..codecs import BYTES, Codec, as_bytes
 from ._security import Security
+from ._start import start_client
 
 __all__ = ["DeadLetterTopic", "KafkaMessage", "KafkaSink"]
 
@@ -142,18 +143,12 @@ class KafkaSink:
                 **(self.security.client_kwargs() if self.security else {}),
                 **self.producer_options,
             }
-            backoff = Backoff(self._what(), give_up_after=self.reconnect_timeout)
-            while True:
-                producer = AIOKafkaProducer(**kwargs)
-                try:
-                    await producer.start()
-                except KafkaError as exc:
-                    await producer.stop()
-                    await backoff.wait(exc)
-                    continue
-                self._producer = producer
-                log.info("connector.start", connector=self._what())
-                return producer
+            producer = await start_client(
+                lambda: AIOKafkaProducer(**kwargs), self._what(), self.reconnect_timeout
+            )
+            self._producer = producer
+            log.info("connector.start", connector=self._what())
+            return producer
 
     def _prepare(self, item: Any) -> _Prepared:
         if isinstance(item, Record):
