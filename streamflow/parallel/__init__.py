@@ -4,7 +4,7 @@ Typical use::
 
     prof = profile(model, example_batch, ["cpu:0", "cpu:1"])
     p = plan(prof)            # fewer stages than devices when a cut costs more than it gains
-    print(p)
+    str(p)                    # a table: layers, device and predicted ms per stage
     p.save("plan.json")
 """
 
