@@ -153,12 +153,6 @@ class Channel(Generic[T]):
         if self._receivers:
             _wake_one(self._receivers)
 
-    def _force(self, item: T) -> None:
-        """Append even past capacity (an item already taken from a source must not be lost)."""
-        self._buffer.append(item)
-        if self._receivers:
-            _wake_one(self._receivers)
-
     async def _wait_for_room(self) -> None:
         loop = self._loop or self._bind()
         while len(self._buffer) >= self._capacity:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
+from ._calls import is_async
 from ._channel import _OVERFLOWS, Overflow
 from ._devices import parse_device
 from ._errors import GraphError
@@ -435,21 +436,11 @@ def _check_options(
         )
     if not callable(fn):
         raise GraphError(f"stage {name!r}: {fn!r} is not callable (expected a function or Stage)")
-    if device is not None and device != "cpu" and _is_async(fn):
+    if device is not None and device != "cpu" and (is_async(fn) or inspect.isasyncgenfunction(fn)):
         raise GraphError(
             f"stage {name!r}: {_fn_name(fn)} is async and would run on the event loop; "
             f"device={device!r} runs plain (sync) functions on a worker thread"
         )
-
-
-def _is_async(fn: Any) -> bool:
-    return (
-        inspect.iscoroutinefunction(fn)
-        or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)  # noqa: B004 - callable objects
-        )
-        or inspect.isasyncgenfunction(fn)
-    )
 
 
 class _Merged(Stream[T]):
