@@ -177,9 +177,14 @@ start() {
     java_cmd
     if [[ ! -f "$DATA/meta.properties" ]]; then
         local cluster_id
-        cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+        # base64url of 16 random bytes, never starting with '-' (the CLI would take it for
+        # an option; Kafka's own random ids avoid a leading '-' for the same reason)
+        cluster_id="-"
+        while [[ "$cluster_id" == -* ]]; do
+            cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+        done
         log "formatting storage in $DATA (cluster id $cluster_id)"
-        "${JAVA_CMD[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$PROPS" >"$LOGS/format.log" 2>&1 || {
+        "${JAVA_CMD[@]}" kafka.tools.StorageTool format --cluster-id="$cluster_id" -c "$PROPS" >"$LOGS/format.log" 2>&1 || {
             tail_log "$LOGS/format.log"
             die "formatting Kafka storage failed"
         }
