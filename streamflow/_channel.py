@@ -16,6 +16,7 @@ T = TypeVar("T")
 Overflow = Literal["block", "drop_oldest", "drop_newest", "error"]
 _OVERFLOWS = ("block", "drop_oldest", "drop_newest", "error")
 _TIMEOUT: Any = object()
+_EMPTY: Any = object()
 
 
 class ChannelStatistics(NamedTuple):
@@ -153,6 +154,16 @@ class Channel(Generic[T]):
         if self._receivers:
             _wake_one(self._receivers)
 
+    def _put(self, item: T) -> bool:
+        """The runners' fast path: append ``item`` if the channel is open with room (and
+        return True); otherwise the caller awaits :meth:`send`, which applies the policy."""
+        if self._closed or len(self._buffer) >= self._capacity:
+            return False
+        self._buffer.append(item)
+        if self._receivers:
+            _wake_one(self._receivers)
+        return True
+
     async def _wait_for_room(self) -> None:
         loop = self._loop or self._bind()
         while len(self._buffer) >= self._capacity:
@@ -201,6 +212,16 @@ class Channel(Generic[T]):
                 raise ChannelClosed("channel closed")
             raise asyncio.QueueEmpty
         item = self._buffer.popleft()
+        if self._senders:
+            _wake_one(self._senders)
+        return item
+
+    def _take(self) -> T:
+        """The runners' fast path: the oldest item, or ``_EMPTY`` (then await ``receive``)."""
+        buffer = self._buffer
+        if not buffer:
+            return _EMPTY  # type: ignore[no-any-return]
+        item = buffer.popleft()
         if self._senders:
             _wake_one(self._senders)
         return item

@@ -14,7 +14,7 @@ import anyio
 import structlog
 
 from ._calls import Invoker, is_async
-from ._channel import _TIMEOUT, Channel
+from ._channel import _EMPTY, _TIMEOUT, Channel
 from ._errors import ChannelClosed, ChannelFull, StageError, describe_item
 from ._io import _AsyncIter, iterate
 from ._message import (
@@ -69,6 +69,12 @@ class Runner:
     async def _body(self) -> None:
         raise NotImplementedError
 
+    def _fast_put(self) -> Callable[[Message[Any]], bool]:
+        """``put(msg)``: send without a coroutine when there is one outbox, open, with room.
+        When it returns False the caller awaits ``_emit(msg)`` (waits, drops or fails)."""
+        outs = self.outboxes
+        return outs[0]._put if len(outs) == 1 else _refuse
+
     async def _emit(self, msg: Message[Any]) -> None:
         outs = self.outboxes
         try:
@@ -82,6 +88,10 @@ class Runner:
         except ChannelFull as exc:
             stage = self.out_names[next(i for i, o in enumerate(outs) if len(o) >= o.capacity)]
             raise StageError(stage, msg.value, exc, flow=self.rt.name, meta=msg.meta) from None
+
+
+def _refuse(msg: Message[Any]) -> bool:
+    return False
 
 
 class SourceRunner(Runner):
@@ -131,9 +141,11 @@ class SourceRunner(Runner):
             await self.rt.wait_drained()
 
     async def _pull_sync(self, it: Any) -> None:
-        emit, wrap = self._emit, self._wrap
+        emit, put, wrap = self._emit, self._fast_put(), self._wrap
         for n, item in enumerate(it, 1):
-            await emit(wrap(item))
+            msg = wrap(item)
+            if not put(msg):
+                await emit(msg)
             if self._stopping:
                 return
             if n & _CHECKPOINT == 0:
@@ -145,7 +157,7 @@ class SourceRunner(Runner):
         """Pull until the source ends or the flow stops it. A source with ``receive_nowait()``
         (an item it already holds, or ``asyncio.QueueEmpty``) is read without a cancel scope
         per item; ``__anext__`` is awaited, cancellably, only when it has nothing."""
-        emit, wrap = self._emit, self._wrap
+        emit, put, wrap = self._emit, self._fast_put(), self._wrap
         n = 0
         try:
             while not self._stopping:
@@ -157,7 +169,9 @@ class SourceRunner(Runner):
                     except (StopAsyncIteration, ChannelClosed):
                         return
                     else:
-                        await emit(wrap(item))
+                        msg = wrap(item)
+                        if not put(msg):
+                            await emit(msg)
                         n += 1
                         if n & _CHECKPOINT == 0:
                             await asyncio.sleep(0)
@@ -263,16 +277,24 @@ class FunctionRunner(Runner):
     async def _run_map_fast(self) -> None:
         """The hot path: a map or sink function on the loop, no envelope, one at a time."""
         assert self.inbox is not None
-        receive, emit, fn, c = self.inbox.receive, self._emit, self.invoke.fn, self.c
+        take, receive, emit, put = (
+            self.inbox._take,
+            self.inbox.receive,
+            self._emit,
+            self._fast_put(),
+        )
+        fn, c = self.invoke.fn, self.c
         record, is_async, awaitable = c.record, self.invoke.is_async, inspect.isawaitable
         sink = self.node.kind == "sink"
         plain: set[type] = set()  # result types known not to be awaitable
         n = 0
         while True:
-            try:
-                msg = await receive()
-            except ChannelClosed:
-                return
+            msg = take()
+            if msg is _EMPTY:
+                try:
+                    msg = await receive()
+                except ChannelClosed:
+                    return
             c.items_in += 1
             t0 = _perf()
             try:
@@ -290,15 +312,18 @@ class FunctionRunner(Runner):
                 ok, value = await self._recover(msg, exc)
                 if not ok:
                     continue
+                t1 = _perf()
             else:
-                record(_perf() - t0)
+                t1 = _perf()
+                record(t1 - t0)
             c.items_out += 1
             if sink:
-                c.record_e2e(_perf() - msg._born)
+                c.record_e2e(t1 - msg._born)
                 msg._done(DELIVERED)
             else:
                 msg.value = value
-                await emit(msg)
+                if not put(msg):
+                    await emit(msg)
             n += 1
             if n & _CHECKPOINT == 0:
                 await asyncio.sleep(0)
