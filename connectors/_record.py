@@ -60,7 +60,7 @@ class Record:
             try:
                 return self.codec.decode(self.raw)
             except Exception as exc:
-                raise DecodeError(self, f"{type(exc).__name__}: {exc}") from exc
+                raise _failure(self, exc) from exc
         raise DecodeError(self, self.error)
 
     def where(self) -> str:
@@ -100,15 +100,24 @@ def decode(record: Record) -> Any:
     """
     if not isinstance(record, Record):
         raise TypeError(f"decode() expects a connectors.Record, got {type(record).__name__}")
-    try:
-        return record.decode()
-    except DecodeError as exc:
-        log.warning(
-            "connector.bad_record",
-            source=record.source,
-            **record.position,
-            codec=record.codec.name,
-            size=len(record.raw),
-            reason=exc.reason,
-        )
-        raise
+    if record.error is None:  # Record.decode, inlined: this runs once per item
+        try:
+            return record.codec.decode(record.raw)
+        except Exception as cause:
+            exc = _failure(record, cause)
+            exc.__cause__ = cause
+    else:
+        exc = DecodeError(record, record.error)
+    log.warning(
+        "connector.bad_record",
+        source=record.source,
+        **record.position,
+        codec=record.codec.name,
+        size=len(record.raw),
+        reason=exc.reason,
+    )
+    raise exc
+
+
+def _failure(record: Record, cause: Exception) -> DecodeError:
+    return DecodeError(record, f"{type(cause).__name__}: {cause}")
