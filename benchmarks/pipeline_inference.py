@@ -5,7 +5,10 @@ ratios for: (a) best sequential (1 or 2 intra-op threads), (b) a hand-written tw
 queue.Queue pipeline, (c) the parallel bound (each half alone in its own thread on ready
 inputs, both at once, no handoff), (d) streamflow on ["cpu:0", "cpu:1"] with the auto plan.
 Models: MLP width 1024 x 8 layers, MLP width 256 x 8 layers, a small CNN on 64x64 images.
-Run: .venv/bin/python benchmarks/pipeline_inference.py [--samples N]
+Where there is a GPU (or with --device), a second section compares, on that one device,
+(a) sequential with (e) streamflow with one stage and (f) two stages, each part on its own
+CUDA stream, with and without CUDA graphs.
+Run: .venv/bin/python benchmarks/pipeline_inference.py [--samples N] [--device cuda:0]
 """
 
 from __future__ import annotations
@@ -206,11 +209,78 @@ def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int, repea
     )
 
 
+def sequential_on(model: nn.Module, frames: list[torch.Tensor], device: str) -> Result:
+    """``model(x)`` per sample on ``device``, waiting for each result (what a loop that
+    serves one sample at a time does)."""
+    cuda = device.startswith("cuda")
+    lat = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for x in frames:
+            s = time.perf_counter()
+            model(x.to(device, non_blocking=True))
+            if cuda:
+                torch.cuda.synchronize(device)
+            lat.append(time.perf_counter() - s)
+        elapsed = time.perf_counter() - t0
+    return Result(f"(a) sequential on {device}", elapsed, len(frames), lat)
+
+
+def device_bench(
+    title: str, model: nn.Sequential, example: torch.Tensor, n: int, repeats: int, device: str
+) -> None:
+    """One device (a GPU): sequential against sf.pipeline with one and two stages on it, each
+    part on its own CUDA stream, with and without CUDA graphs (graphs on CUDA only)."""
+    cuda = device.startswith("cuda")
+    model.eval().to(device)
+    frames = [torch.randn_like(example) for _ in range(n)]
+    if cuda:
+        frames = [x.pin_memory() for x in frames]
+    layers = len(sf.parallel.split_layers(model))
+    half = layers // 2
+    pipes: dict[str, Any] = {}
+    for graphs in (False, True) if cuda else (False,):
+        tag = " + CUDA graphs" if graphs else ""
+        pipes[f"(e) streamflow, 1 stage{tag}"] = sf.pipeline(
+            model, [device], example, partition=[layers], cuda_graphs=graphs, inline_below=0
+        )
+        pipes[f"(f) streamflow, 2 stages{tag}"] = sf.pipeline(
+            model, [device, device], example, partition=[half, layers - half], cuda_graphs=graphs
+        )
+    rounds: dict[str, list[Result]] = {"seq": [], **{name: [] for name in pipes}}
+    outputs: dict[str, list[Any]] = {}
+    for _ in range(repeats):
+        rounds["seq"].append(sequential_on(model, frames, device))
+        for name, pipe in pipes.items():
+            result, outputs[name] = asyncio.run(streamflow_run(pipe, frames))
+            result.name = name
+            rounds[name].append(result)
+    with torch.inference_mode():
+        expected = [model(x.to(device)) for x in frames[:50]]
+    for name, got in outputs.items():  # TF32 convolutions on GPUs: a looser tolerance
+        assert all(
+            torch.allclose(e, y.to(device), atol=1e-3, rtol=1e-3)
+            for e, y in zip(expected, got[:50], strict=True)
+        ), name
+    seq = _median(rounds["seq"])
+    print(f"\n## {title} on {device}: {n} samples, median of {repeats} interleaved rounds")
+    rows = [
+        (r.name, r.throughput, r.p50 * 1e3, r.p99 * 1e3, r.throughput / seq.throughput)
+        for r in (seq, *(_median(rounds[name]) for name in pipes))
+    ]
+    print(table(["contender", "samples/s", "p50 ms", "p99 ms", "x seq"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["mlp1024", "mlp256", "cnn"], default=None)
+    parser.add_argument(
+        "--device",
+        default="cuda:0" if torch.cuda.is_available() else None,
+        help="also run the one-device section here (default: cuda:0 when there is a GPU)",
+    )
     args = parser.parse_args()
     sf.configure_logging(level="warning")
     torch.manual_seed(0)
@@ -222,6 +292,10 @@ def main() -> None:
     for key, (title, model, example) in cases.items():
         if args.only in (None, key):
             bench(title, model, example, args.samples, args.repeats)
+    if args.device:
+        for key, (title, model, example) in cases.items():
+            if args.only in (None, key):
+                device_bench(title, model, example, args.samples, args.repeats, args.device)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ weights times the versions kept, counted in bytes by streamflow's own accounting
 (b) the parallel bound: each half of the model trained alone in its own thread at the same
 time (forward, backward, SGD step; one intra-op thread each; ready inputs, no handoff),
 (c) sf.OnlineTrainer on ["cpu:0", "cpu:1"] with the halves as parts, for each schedule.
-Target: partime at least 0.85x the parallel bound.
+Target: partime at least 0.85x the parallel bound. Where there is a GPU (or with --device),
+a second section compares sequential training on that one device with each schedule on two
+parts placed there.
 Run: .venv/bin/python benchmarks/pipeline_training.py [--samples N] [--repeats R] [--width W]
+     [--device cuda:0]
 """
 
 from __future__ import annotations
@@ -57,10 +60,10 @@ def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1e-3)
 
 
-def sequential(width: int, pairs: list[Any], threads: int) -> Result:
+def sequential(width: int, pairs: list[Any], threads: int, device: str = "cpu:0") -> Result:
     """One part holding the whole model, trained on the calling thread."""
     part = TrainPart(
-        mlp(width), "cpu:0", index=0, layers=(0, 2 * LAYERS), threads=threads, optimizer=sgd
+        mlp(width), device, index=0, layers=(0, 2 * LAYERS), threads=threads, optimizer=sgd
     )
     before = torch.get_num_threads()
     part.prepare()
@@ -70,9 +73,11 @@ def sequential(width: int, pairs: list[Any], threads: int) -> Result:
         torch.autograd.backward(nn.functional.cross_entropy(act.out, y))
         part.release((act,))
         part.step(act.version)
+    if part.is_cuda:
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
     torch.set_num_threads(before)
-    name = f"(a) sequential, {threads} thread(s)"
+    name = f"(a) sequential on {device}" if part.is_cuda else f"(a) sequential, {threads} thread(s)"
     return Result(name, elapsed, len(pairs), part.peak_bytes, part.weight_bytes, "0")
 
 
@@ -117,11 +122,15 @@ def parallel_bound(width: int, pairs: list[Any]) -> Result:
 
 
 async def schedule_run(
-    width: int, pairs: list[Any], schedule: Schedule, microbatches: int
+    width: int,
+    pairs: list[Any],
+    schedule: Schedule,
+    microbatches: int,
+    devices: tuple[str, str] = ("cpu:0", "cpu:1"),
 ) -> Result:
     trainer = sf.OnlineTrainer(
         mlp(width),
-        ["cpu:0", "cpu:1"],
+        list(devices),
         loss_fn=nn.functional.cross_entropy,
         optimizer=sgd,
         schedule=schedule,
@@ -154,6 +163,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument(
+        "--device",
+        default="cuda:0" if torch.cuda.is_available() else None,
+        help="also run the one-device section here (default: cuda:0 when there is a GPU)",
+    )
     args = parser.parse_args()
     sf.configure_logging(level="warning")
     n, width = args.samples, args.width
@@ -194,6 +208,31 @@ def main() -> None:
     ratio = partime.throughput / bound.throughput
     verdict = "meets" if ratio >= 0.85 else "misses"
     print(f"partime / parallel bound: {ratio:.2f}x ({verdict} the 0.85x target)")
+    if args.device:
+        device_section(width, pairs, args.repeats, args.device)
+
+
+def device_section(width: int, pairs: list[Any], repeats: int, device: str) -> None:
+    """One device (a GPU): sequential training against each schedule with two parts on it."""
+    rounds: dict[str, list[Result]] = {}
+    for _ in range(repeats):
+        contenders = [
+            sequential(width, pairs, 1, device),
+            *(
+                asyncio.run(schedule_run(width, pairs, s, mb, (device, device)))
+                for s, mb in SCHEDULES
+            ),
+        ]
+        for r in contenders:
+            rounds.setdefault(r.name, []).append(r)
+    results = [median_round(rs) for rs in rounds.values()]
+    seq = results[0]
+    print(
+        f"\n## online training on {device}, MLP {LAYERS} x {width}, batch 1, {len(pairs)} "
+        f"samples, median of {repeats} interleaved rounds, two parts on {device}"
+    )
+    rows = [(r.name, r.throughput, r.throughput / seq.throughput, r.staleness) for r in results]
+    print(table(["contender", "samples/s", "x seq", "staleness"], rows))
 
 
 if __name__ == "__main__":

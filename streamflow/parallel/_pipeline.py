@@ -105,8 +105,9 @@ class Pipeline:
     As a flow stage (``stream.map("model", pipe)``) each sample enters the first part as soon
     as it arrives and the parts work on different samples at the same time; a sample moves
     from one part's thread to the next directly, never through the event loop. Outputs keep
-    input order; at most ``in_flight`` samples are inside the pipeline (default: two per
-    part), so backpressure holds. The parts appear in flow metrics as ``model[0]``, ...
+    input order; at most ``in_flight`` samples are inside the pipeline (``capacity`` per
+    part, 8 by default), so backpressure holds. The parts appear in flow metrics as
+    ``model[0]``, ``model[1]``, ...
     """
 
     def __init__(
