@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import queue
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -155,6 +156,11 @@ async def streamflow_run(pipe: Any, frames: list[torch.Tensor]) -> tuple[Result,
     return res, outputs
 
 
+def _paired(ours: list[Result], theirs: list[Result]) -> float:
+    """The median over rounds of our throughput over theirs in the same round."""
+    return statistics.median(a.throughput / b.throughput for a, b in zip(ours, theirs, strict=True))
+
+
 def _median(results: list[Result]) -> Result:
     """The round with the median throughput (its latencies come with it)."""
     return sorted(results, key=lambda r: r.throughput)[len(results) // 2]
@@ -205,7 +211,10 @@ def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int, repea
     print(table(["contender", "samples/s", "p50 ms", "p99 ms", "x seq", "x bound"], rows))
     print(
         f"streamflow / queue.Queue: {sfr.throughput / qp.throughput:.2f}x; "
-        f"predicted / measured: {pipe.plan.predicted_throughput / sfr.throughput:.2f}"
+        f"predicted / measured: {pipe.plan.predicted_throughput / sfr.throughput:.2f}; "
+        f"median of the per-round ratios (each round's contenders ran back to back): "
+        f"(d)/(b) {_paired(rounds['sf'], rounds['queue']):.2f}, "
+        f"(d)/(c) {_paired(rounds['sf'], rounds['bound']):.2f}"
     )
 
 
