@@ -156,9 +156,10 @@ async def streamflow_run(pipe: Any, frames: list[torch.Tensor]) -> tuple[Result,
     return res, outputs
 
 
-def _paired(ours: list[Result], theirs: list[Result]) -> float:
-    """The median over rounds of our throughput over theirs in the same round."""
-    return statistics.median(a.throughput / b.throughput for a, b in zip(ours, theirs, strict=True))
+def _paired(ours: list[Result], theirs: list[Result]) -> str:
+    """Our throughput over theirs in each round (they ran back to back), and the median."""
+    ratios = [a.throughput / b.throughput for a, b in zip(ours, theirs, strict=True)]
+    return f"{statistics.median(ratios):.2f} ({' '.join(f'{r:.2f}' for r in ratios)})"
 
 
 def _median(results: list[Result]) -> Result:
@@ -213,8 +214,8 @@ def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int, repea
         f"streamflow / queue.Queue: {sfr.throughput / qp.throughput:.2f}x; "
         f"predicted / measured: {pipe.plan.predicted_throughput / sfr.throughput:.2f}; "
         f"median of the per-round ratios (each round's contenders ran back to back): "
-        f"(d)/(b) {_paired(rounds['sf'], rounds['queue']):.2f}, "
-        f"(d)/(c) {_paired(rounds['sf'], rounds['bound']):.2f}"
+        f"(d)/(b) {_paired(rounds['sf'], rounds['queue'])}, "
+        f"(d)/(c) {_paired(rounds['sf'], rounds['bound'])}"
     )
 
 
