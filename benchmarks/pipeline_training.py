@@ -11,6 +11,9 @@ time (forward, backward, SGD step; one intra-op thread each; ready inputs, no ha
 Target: partime at least 0.85x the parallel bound. Where there is a GPU (or with --device),
 a second section compares sequential training on that one device with each schedule on two
 parts placed there.
+The benchmark runs with glibc's MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ raised (it
+starts itself again with them set; --glibc-default-malloc keeps the defaults), so that freed
+gradient buffers stay mapped; see docs/TRAINING.md, Performance.
 Run: .venv/bin/python benchmarks/pipeline_training.py [--samples N] [--repeats R] [--width W]
      [--device cuda:0]
 """
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import sys
 import threading
 import time
 from typing import Any, Literal
@@ -32,6 +37,9 @@ import streamflow as sf
 from streamflow.parallel._trainpart import TrainPart
 
 LAYERS = 8
+# Keep freed gradient buffers in the process (docs/TRAINING.md, Performance): with glibc's
+# defaults each 4 MiB buffer may be unmapped when freed and page-faulted in again next step.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 Schedule = Literal["sync", "partime", "nf1b"]
 SCHEDULES: list[tuple[Schedule, int]] = [("sync", 4), ("partime", 1), ("nf1b", 4)]
 
@@ -165,11 +173,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument(
+        "--glibc-default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc thresholds (see docs/TRAINING.md, Performance)",
+    )
+    parser.add_argument(
         "--device",
         default="cuda:0" if torch.cuda.is_available() else None,
         help="also run the one-device section here (default: cuda:0 when there is a GPU)",
     )
     args = parser.parse_args()
+    if not args.glibc_default_malloc and any(os.environ.get(k) != v for k, v in MALLOC.items()):
+        # glibc reads these at start-up: run again with them set
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
     sf.configure_logging(level="warning")
     n, width = args.samples, args.width
     torch.manual_seed(1)
@@ -187,9 +203,11 @@ def main() -> None:
     seq = best([r for r in results if r.name.startswith("(a)")])  # best thread count
     bound = median_round(rounds["(b) parallel bound"])
     runs = [r for r in results if r.name.startswith("(c)")]
+    malloc = "glibc defaults" if args.glibc_default_malloc else "MALLOC_*_THRESHOLD_ set"
     print(
         f"\n## online training, MLP {LAYERS} x {width}, batch 1, {n} samples, median of "
         f'{args.repeats} interleaved rounds, parts ["cpu:0", "cpu:1"] of {LAYERS // 2} layers each'
+        f", malloc: {malloc}"
     )
     rows = [
         (
