@@ -227,7 +227,11 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="batch size, batched sink")
     parser.add_argument("--frames", type=int, default=200_000, help="TCP frames per run (max)")
     parser.add_argument(
-        "--elements", type=int, nargs="+", default=[256, 16384, 262144], help="float32/frame"
+        "--elements",
+        type=int,
+        nargs="+",
+        default=[256, 1024, 4096, 16384, 262144],
+        help="float32/frame",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-kafka", action="store_true")
