@@ -109,7 +109,7 @@ class Sync(Schedule):
 
     def backward(self, s: int, k: int, grad: torch.Tensor) -> None:
         act = self.graphs[s].pop(k)
-        torch.autograd.backward(act.out, grad)
+        torch.autograd.backward(act.out, grad.to(act.out.device))
         self._backwarded(s, k, act)
 
     def flush(self, s: int) -> None:
@@ -228,7 +228,7 @@ class Partime(Schedule):
                 learned = None
             else:
                 learned = self.graphs[s].pop(i)
-                torch.autograd.backward(learned.out, grad)
+                torch.autograd.backward(learned.out, grad.to(learned.out.device))
         if learned is not None:
             part.release((learned,))
             part.step(learned.version)
@@ -336,7 +336,9 @@ class NF1B(Schedule):
         else:
             keys = [k for k, _ in grads]
             acts = [graphs.pop(k) for k in keys]
-            torch.autograd.backward([a.out for a in acts], [g for _, g in grads])
+            outs = [a.out for a in acts]
+            cotangents = [g.to(o.device) for o, (_, g) in zip(outs, grads, strict=True)]
+            torch.autograd.backward(outs, cotangents)
         if s > 0:
             up = [(k, a.x.grad) for k, a in zip(keys, acts, strict=True)]
             self.hand(s - 1, self.backward, s - 1, b, up)

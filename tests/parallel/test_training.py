@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -465,3 +465,34 @@ async def test_a_failed_setup_leaves_no_thread_behind() -> None:
         with pytest.raises(sf.StageError, match="<setup>"):
             await train(trainer, pairs)
     assert not [t for t in threading.enumerate() if t.name.startswith("streamflow-")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("devices", [["cuda:0", "cpu:0"], ["cpu:0", "cuda:0"]])
+@pytest.mark.parametrize("schedule", ["sync", "partime", "nf1b"])
+async def test_parts_on_different_devices_learn_as_on_one(
+    devices: list[str], schedule: Literal["sync", "partime", "nf1b"]
+) -> None:
+    """Activations go down and gradients come back up across devices; every schedule is
+    deterministic, so the weights match a run on two CPU workers."""
+    torch.manual_seed(1)
+    pairs = [(torch.randn(1, 6), torch.randint(0, 3, (1,))) for _ in range(12)]
+
+    def trainer(on: list[str]) -> sf.OnlineTrainer:
+        return sf.OnlineTrainer(
+            small_mlp(),
+            on,
+            loss_fn=nn.functional.cross_entropy,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+            schedule=schedule,
+            microbatches=2,
+            partition=[2, 3],
+        )
+
+    mixed, cpus = trainer(devices), trainer(["cpu:0", "cpu:1"])
+    await train(mixed, pairs)
+    await train(cpus, pairs)
+    assert mixed.metrics().updates == cpus.metrics().updates
+    got, want = mixed.model().state_dict(), cpus.model().state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-4) for k in want)
