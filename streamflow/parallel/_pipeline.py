@@ -267,6 +267,11 @@ class PipelinePart:
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record(stream)
         done.synchronize()
+        if isinstance(y, torch.Tensor):
+            # A consumer may queue work on y on the default stream and drop y before that
+            # work ran: the caching allocator must not hand y's memory back to this part's
+            # stream until then.
+            y.record_stream(torch.cuda.default_stream(self.torch_device))
         return y
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
