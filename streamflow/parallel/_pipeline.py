@@ -313,7 +313,9 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
 
     async def setup(self) -> None:
         """Place each part on its device's worker: the flow's own worker for that device
-        (shared with other stages pinned there) or, outside a flow, a private one."""
+        (shared with other stages pinned there) or, outside a flow, a private one. A second
+        part on the same GPU gets a thread of its own, so that its stream runs beside the
+        first part's instead of after it."""
         if self.pipe.inline:
             part = self.pipe.parts[0]
             part.counters = _Counters()
@@ -322,7 +324,13 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
         pool = self._workers
         if pool is None:
             pool = self._own = WorkerPool()
-        self.workers = [pool.get(p.target) for p in self.pipe.parts]
+        placed: set[str] = set()
+        workers = []
+        for p in self.pipe.parts:
+            again = p.is_cuda and p.target in placed
+            placed.add(p.target)
+            workers.append(pool.get(f"{p.target}/{self.name}[{p.index}]" if again else p.target))
+        self.workers = workers
         for part, worker in zip(self.pipe.parts, self.workers, strict=True):
             part.counters = _Counters()
             await worker.run(part.prepare)
