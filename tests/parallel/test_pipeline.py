@@ -188,6 +188,23 @@ async def test_cuda_parts(cuda_graphs: bool) -> None:
     assert_same(got, reference(model, frames))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_two_parts_on_one_gpu_run_on_two_threads() -> None:
+    seen: set[str] = set()
+
+    class Where(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.add(threading.current_thread().name)
+            return x
+
+    model = nn.Sequential(nn.Linear(4, 4), Where(), nn.Linear(4, 4), Where())
+    pipe = sf.pipeline(model, ["cuda:0", "cuda:0"], torch.randn(1, 4), partition=[2, 2])
+    seen.clear()  # profiling ran the model on this thread
+    await run_flow(pipe, [torch.randn(1, 4)] * 5)
+    assert len(seen) == 2
+
+
 async def test_parts_share_the_flows_device_workers() -> None:
     seen: dict[str, set[str]] = {"part": set(), "stage": set()}
 
