@@ -283,7 +283,10 @@ class PipelinePart:
             for _ in range(3):  # warm up outside the graph (cuBLAS handles, allocator)
                 self.module(static_in)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self._stream):
+            # "thread_local": the other parts keep running on their own threads while this
+            # one captures (allocating, waiting on events), which the default "global" mode
+            # would count as an error in this capture.
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                 static_out = self.module(static_in)
             entry = self._graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = entry
