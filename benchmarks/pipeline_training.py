@@ -79,7 +79,7 @@ def sequential(width: int, pairs: list[Any], threads: int, device: str = "cpu:0"
     t0 = time.perf_counter()
     for x, y in pairs:
         act = part.forward(x, 1, leaf=False)
-        torch.autograd.backward(nn.functional.cross_entropy(act.out, y))
+        torch.autograd.backward(nn.functional.cross_entropy(act.out, y.to(act.out.device)))
         part.release((act,))
         part.step(act.version)
     if part.is_cuda:
