@@ -5,9 +5,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import torch
+
 from .._devices import parse_device as _parse_any
 
-__all__ = ["check_devices", "intra_op_threads", "is_cuda", "parse_device", "timing_class"]
+__all__ = [
+    "check_devices",
+    "intra_op_threads",
+    "is_cuda",
+    "parse_device",
+    "timing_class",
+    "torch_device",
+]
 
 
 def parse_device(name: str) -> tuple[str, int]:
@@ -43,6 +52,11 @@ def check_devices(devices: Sequence[str], *, distinct: bool = True) -> tuple[str
 def is_cuda(name: str) -> bool:
     """Whether ``name`` is a CUDA device."""
     return parse_device(name)[0] == "cuda"
+
+
+def torch_device(name: str) -> torch.device:
+    """The torch device behind ``name``: ``cuda:N`` itself; every CPU worker is ``cpu``."""
+    return torch.device(name) if is_cuda(name) else torch.device("cpu")
 
 
 def timing_class(name: str) -> str:

@@ -19,7 +19,7 @@ from .._graph import Flow
 from .._io import iterate
 from .._metrics import StageMetrics, _Counters
 from .._stage import Stage
-from ._devices import intra_op_threads
+from ._devices import intra_op_threads, torch_device
 from ._layers import named_layers
 from ._plan import Objective, Plan, plan
 from ._profile import profile
@@ -226,9 +226,8 @@ class PipelinePart:
         self.layers = layers
         self.threads = threads
         self.cuda_graphs = cuda_graphs
-        kind = target.partition(":")[0]
-        self.torch_device = torch.device("cpu") if kind == "cpu" else torch.device(target)
-        self.is_cuda = kind == "cuda"
+        self.torch_device = torch_device(target)
+        self.is_cuda = self.torch_device.type == "cuda"
         self.counters = _Counters()
         self._stream: Any = None
         self._graphs: dict[tuple[tuple[int, ...], torch.dtype], Any] = {}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._costs import HandoffModel, LayerProfile, Profile
-from ._devices import check_devices, is_cuda, parse_device, timing_class
+from ._devices import check_devices, is_cuda, parse_device, timing_class, torch_device
 from ._layers import named_layers, preserved_buffers
 
 __all__ = ["profile"]
@@ -106,7 +106,7 @@ def _measure_layers(
     backward: list[float] = []
     out_bytes: list[int] = []
     with _bench_context(device):
-        start: Any = example.to(_torch_device(device))
+        start: Any = example.to(torch_device(device))
         placed = [_placed(layer, device) for layer in layers]
         x = start
         for layer in placed:
@@ -254,9 +254,9 @@ def _measure_links(
 
 def _copy_time(src: str, dst: str, nbytes: int, repeats: int) -> float:
     """Median seconds to copy ``nbytes`` from ``src`` to ``dst``, timed with CUDA events."""
-    data = torch.empty(nbytes, dtype=torch.uint8, device=_torch_device(src))
-    target = _torch_device(dst)
-    stream = torch.cuda.current_stream(target if is_cuda(dst) else _torch_device(src))
+    data = torch.empty(nbytes, dtype=torch.uint8, device=torch_device(src))
+    target = torch_device(dst)
+    stream = torch.cuda.current_stream(target if is_cuda(dst) else torch_device(src))
     samples: list[float] = []
     with torch.cuda.device(stream.device):
         for i in range(2 + repeats):
@@ -315,15 +315,11 @@ def _bench_context(device: str) -> Iterator[None]:
 
 def _placed(layer: nn.Module, device: str) -> nn.Module:
     """``layer`` itself if its state is on ``device``, else a copy moved there."""
-    target = _torch_device(device)
+    target = torch_device(device)
     state = [*layer.parameters(), *layer.buffers()]
     if all(_same_device(t.device, target) for t in state):
         return layer
     return copy.deepcopy(layer).to(target)
-
-
-def _torch_device(device: str) -> torch.device:
-    return torch.device(device) if is_cuda(device) else torch.device("cpu")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

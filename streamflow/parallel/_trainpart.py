@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._metrics import _Counters
+from ._devices import torch_device
 
 __all__ = ["Activation", "OptimizerFactory", "TrainPart"]
 
@@ -105,9 +106,8 @@ class TrainPart:
         self.index = index
         self.layers = layers
         self.threads = threads
-        kind = target.partition(":")[0]
-        self.torch_device = torch.device("cpu") if kind == "cpu" else torch.device(target)
-        self.is_cuda = kind == "cuda"
+        self.torch_device = torch_device(target)
+        self.is_cuda = self.torch_device.type == "cuda"
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = optimizer(self.params) if self.params else None
         self.weight_bytes = sum(t.numel() * t.element_size() for t in _state_tensors(module))
