@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -54,3 +55,14 @@ class Listening:
             return self._address.path
         host, port = self._server.sockets[0].getsockname()[:2]
         return (host, port)
+
+    def _bound_label(self) -> str:
+        """``tcp:host:port`` with the port actually bound, or ``unix:path``."""
+        address = self.address
+        return f"unix:{address}" if isinstance(address, str) else f"tcp:{address[0]}:{address[1]}"
+
+    def _remove_socket_file(self) -> None:
+        """Delete the Unix socket's file once the server is closed (TCP: nothing to do)."""
+        if self._address.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._address.path)

@@ -162,8 +162,7 @@ class ServerSink(Listening):
             self._server = await asyncio.start_server(
                 self._accept, self._address.host, self._address.port
             )
-            host, port = self._server.sockets[0].getsockname()[:2]
-            self.name = f"tcp:{host}:{port}"
+        self.name = self._bound_label()
         log.info("connector.start", connector=self.name)
         return self
 
@@ -184,9 +183,7 @@ class ServerSink(Listening):
                     await writer.wait_closed()
             self._writers.clear()
             await server.wait_closed()
-        if self._address.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._address.path)
+        self._remove_socket_file()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from types import TracebackType
 from typing import Any
@@ -107,8 +106,7 @@ class ServerSource(_InboxReader, Listening):
             self._server = await loop.create_server(
                 self._protocol, self._address.host, self._address.port
             )
-            host, port = self._server.sockets[0].getsockname()[:2]
-            self.name = f"tcp:{host}:{port}"
+        self.name = self._bound_label()
         for reader in self._readers:
             reader.source = self.name
         if self._bound is None:
@@ -133,9 +131,7 @@ class ServerSource(_InboxReader, Listening):
                     reader.transport.abort()
             await server.wait_closed()
             await asyncio.sleep(0)  # let connection_lost run
-        if self._address.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._address.path)
+        self._remove_socket_file()
         log.info("connector.stop", connector=self.name)
 
     def _protocol(self) -> asyncio.BaseProtocol:
