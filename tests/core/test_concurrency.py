@@ -81,3 +81,46 @@ async def test_concurrent_sink_and_pool_threads() -> None:
     )
     await flow.run()
     assert sink.items == list(range(40))
+
+
+async def test_a_plain_function_returning_futures_keeps_k_in_flight_in_order() -> None:
+    """The windowed path: no task per item; results are awaited in input order, a raise
+    or a failed future goes to the error policy and the rest goes on."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(2)
+    started: list[int] = []
+    pending: set[asyncio.Future[int]] = set()
+    peak = 0
+
+    def start(x: int) -> asyncio.Future[int]:
+        nonlocal peak
+        if x == 7:
+            raise ValueError("raised at once")
+        started.append(x)
+        future: asyncio.Future[int] = loop.create_future()
+        pending.add(future)
+        peak = max(peak, sum(not f.done() for f in pending))
+
+        def finish() -> None:
+            if x == 11:
+                future.set_exception(ValueError("failed later"))
+            else:
+                future.set_result(x * 10)
+
+        loop.call_later(rng.uniform(0, 0.003), finish)
+        return future
+
+    out: list[int] = []
+    flow = sf.Flow("f")
+    flow.source("n", range(40)).map("start", start, concurrency=4, errors="skip").sink(
+        "o", sf.collect(out)
+    )
+    await flow.run()
+    assert out == [x * 10 for x in range(40) if x not in (7, 11)]
+    assert peak == 4
+    assert flow.metrics()["start"].skipped == 2
+
+    flow = sf.Flow("g")
+    flow.source("n", range(40)).map("start", start, concurrency=4).sink("o", sf.collect())
+    with pytest.raises(sf.StageError, match="stage 'start' of flow 'g' failed on item 7"):
+        await flow.run()
