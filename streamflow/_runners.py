@@ -609,23 +609,28 @@ class BatchRunner(Runner):
     async def _body(self) -> None:
         assert self.inbox is not None
         inbox, c = self.inbox, self.c
+        take, put, emit = inbox._take, self._fast_put(), self._emit
         max_size = self.node.options["max_size"]
         max_wait = self.node.options["max_wait"]
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                first = await inbox.receive()
-            except ChannelClosed:
-                return
+            first = take()
+            if first is _EMPTY:
+                try:
+                    first = await inbox.receive()
+                except ChannelClosed:
+                    return
             members = [first]
             deadline = loop.time() + max_wait
             while len(members) < max_size:
-                try:
-                    item = await inbox._receive_by(deadline)
-                except ChannelClosed:
-                    break
-                if item is _TIMEOUT:
-                    break
+                item = take()  # what is already there is taken without a coroutine
+                if item is _EMPTY:
+                    try:
+                        item = await inbox._receive_by(deadline)
+                    except ChannelClosed:
+                        break
+                    if item is _TIMEOUT:
+                        break
                 members.append(item)
             c.items_in += len(members)
             batch: Message[Any] = Message.__new__(Message)
@@ -634,7 +639,8 @@ class BatchRunner(Runner):
             batch._ack = _AckGroup(members)
             batch._born = first._born
             c.items_out += 1
-            await self._emit(batch)
+            if not put(batch):
+                await emit(batch)
 
 
 class UnbatchRunner(Runner):
@@ -642,12 +648,15 @@ class UnbatchRunner(Runner):
 
     async def _body(self) -> None:
         assert self.inbox is not None
-        receive, emit, c = self.inbox.receive, self._emit, self.c
+        take, receive, c = self.inbox._take, self.inbox.receive, self.c
+        put, emit = self._fast_put(), self._emit
         while True:
-            try:
-                msg = await receive()
-            except ChannelClosed:
-                return
+            msg = take()
+            if msg is _EMPTY:
+                try:
+                    msg = await receive()
+                except ChannelClosed:
+                    return
             c.items_in += 1
             try:
                 values = list(msg.value)
@@ -673,7 +682,8 @@ class UnbatchRunner(Runner):
                 msg._done(0)
             c.items_out += len(outs)
             for out in outs:
-                await emit(out)
+                if not put(out):
+                    await emit(out)
 
 
 def make_runner(rt: RunningFlow, node: _Node, inbox: Channel[Message[Any]] | None) -> Runner:
