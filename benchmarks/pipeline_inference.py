@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import queue
 import statistics
 import threading
@@ -156,6 +157,18 @@ async def streamflow_run(pipe: Any, frames: list[torch.Tensor]) -> tuple[Result,
     return res, outputs
 
 
+def _rounds(contenders: dict[str, Callable[[], Result]], repeats: int) -> dict[str, list[Result]]:
+    """Run every contender once per round. Rounds interleave, so drift hits every contender
+    alike, and each round starts one contender later, so none always runs first or always
+    runs right after the same neighbour."""
+    names = list(contenders)
+    rounds: dict[str, list[Result]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            rounds[name].append(contenders[name]())
+    return rounds
+
+
 def _paired(ours: list[Result], theirs: list[Result]) -> str:
     """Our throughput over theirs in each round (they ran back to back), and the median."""
     ratios = [a.throughput / b.throughput for a, b in zip(ours, theirs, strict=True)]
@@ -177,16 +190,21 @@ def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int, repea
         else len(sf.parallel.split_layers(model)) // 2
     )
     first, second = _halves(model, cut)
-    rounds: dict[str, list[Result]] = {"seq": [], "queue": [], "bound": [], "sf": []}
     outputs: list[Any] = []
-    for _ in range(repeats):  # interleaved rounds, so drift hits every contender alike
-        rounds["seq"].append(
-            max((sequential(model, frames, t) for t in (1, 2)), key=lambda r: r.throughput)
-        )
-        rounds["queue"].append(queue_pipeline(first, second, frames))
-        rounds["bound"].append(parallel_bound(first, second, frames))
-        result, outputs = asyncio.run(streamflow_run(pipe, frames))
-        rounds["sf"].append(result)
+
+    def ours() -> Result:
+        result, outputs[:] = asyncio.run(streamflow_run(pipe, frames))
+        return result
+
+    contenders: dict[str, Callable[[], Result]] = {
+        "seq": lambda: max(
+            (sequential(model, frames, t) for t in (1, 2)), key=lambda r: r.throughput
+        ),
+        "queue": lambda: queue_pipeline(first, second, frames),
+        "bound": lambda: parallel_bound(first, second, frames),
+        "sf": ours,
+    }
+    rounds = _rounds(contenders, repeats)
     seq, qp, bound, sfr = (_median(rounds[k]) for k in ("seq", "queue", "bound", "sf"))
     with torch.inference_mode():
         assert all(
@@ -194,7 +212,7 @@ def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int, repea
             for x, y in zip(frames[:50], outputs[:50], strict=True)
         )
     print(
-        f"\n## {title}: {n} samples, median of {repeats} interleaved rounds, "
+        f"\n## {title}: {n} samples, median of {repeats} rotated rounds, "
         f"plan {pipe.plan.partition} on "
         f"{pipe.plan.devices}, predicted {pipe.plan.predicted_throughput:,.0f}/s"
     )
@@ -257,14 +275,18 @@ def device_bench(
         pipes[f"(f) streamflow, 2 stages{tag}"] = sf.pipeline(
             model, [device, device], example, partition=[half, layers - half], cuda_graphs=graphs
         )
-    rounds: dict[str, list[Result]] = {"seq": [], **{name: [] for name in pipes}}
     outputs: dict[str, list[Any]] = {}
-    for _ in range(repeats):
-        rounds["seq"].append(sequential_on(model, frames, device))
-        for name, pipe in pipes.items():
-            result, outputs[name] = asyncio.run(streamflow_run(pipe, frames))
-            result.name = name
-            rounds[name].append(result)
+
+    def ours(name: str, pipe: Any) -> Result:
+        result, outputs[name] = asyncio.run(streamflow_run(pipe, frames))
+        result.name = name
+        return result
+
+    contenders: dict[str, Callable[[], Result]] = {
+        "seq": lambda: sequential_on(model, frames, device),
+        **{name: functools.partial(ours, name, pipe) for name, pipe in pipes.items()},
+    }
+    rounds = _rounds(contenders, repeats)
     with torch.inference_mode():
         expected = [model(x.to(device)) for x in frames[:50]]
     for name, got in outputs.items():  # TF32 convolutions on GPUs: a looser tolerance
@@ -273,7 +295,7 @@ def device_bench(
             for e, y in zip(expected, got[:50], strict=True)
         ), name
     seq = _median(rounds["seq"])
-    print(f"\n## {title} on {device}: {n} samples, median of {repeats} interleaved rounds")
+    print(f"\n## {title} on {device}: {n} samples, median of {repeats} rotated rounds")
     rows = [
         (r.name, r.throughput, r.p50 * 1e3, r.p99 * 1e3, r.throughput / seq.throughput)
         for r in (seq, *(_median(rounds[name]) for name in pipes))
