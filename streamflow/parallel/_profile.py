@@ -109,9 +109,16 @@ def _measure_layers(
         start: Any = example.to(torch_device(device))
         placed = [_placed(layer, device) for layer in layers]
         x = start
-        for layer in placed:
-            with torch.no_grad():  # a fresh copy of the input per run: layers may work in place
-                y = layer(_fresh(x))
+        for i, layer in enumerate(placed):
+            try:
+                with torch.no_grad():  # a fresh copy per run: layers may work in place
+                    y = layer(_fresh(x))
+            except Exception as exc:
+                raise ValueError(
+                    f"the example does not run through layer {i} ({type(layer).__name__}) "
+                    f"on {device}: {type(exc).__name__}: {exc}. Pass example= as one input "
+                    "batch of the model, shaped like the items of the stream"
+                ) from exc
             backward.append(_backward_time(layer, x, device, warmup, repeats) if grad else 0.0)
             out_bytes.append(_nbytes(y))
             x = y

@@ -442,6 +442,8 @@ def test_profile_rejects_bad_input() -> None:
         profile(model, [1.0, 2.0], ["cpu:0"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="repeats"):
         profile(model, torch.randn(2, 4), ["cpu:0"], repeats=0)
+    with pytest.raises(ValueError, match=r"does not run through layer 0 \(Linear\) on cpu:0"):
+        profile(model, torch.randn(2, 5), ["cpu:0"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not available"):
             profile(model, torch.randn(2, 4), ["cpu:0", "cuda:0"])
