@@ -42,10 +42,12 @@ class ChannelFull(Exception):
 
 
 class StageError(Exception):
-    """A stage failed on an item.
+    """A stage failed on an item, or outside any item (``phase``: ``"setup"``,
+    ``"teardown"``, or ``"run"`` for a source that broke or a stage's own bug).
 
-    Attributes name the flow, the stage, a short description of the item and its metadata;
-    the original exception is ``__cause__`` (and ``cause``).
+    Attributes name the flow, the stage, a short description of the item (``None`` when
+    the failure was not about an item) and its metadata, and the phase; the original
+    exception is ``__cause__`` (and ``cause``).
     """
 
     def __init__(
@@ -56,14 +58,21 @@ class StageError(Exception):
         *,
         flow: str | None = None,
         meta: Any = None,
+        phase: str | None = None,
     ) -> None:
         self.stage = stage
         self.flow = flow
-        self.item = describe_item(item)
+        self.phase = phase
+        self.item = None if phase is not None else describe_item(item)
         self.meta = meta
         self.cause = cause
         where = f"stage {stage!r}" if flow is None else f"stage {stage!r} of flow {flow!r}"
-        text = f"{where} failed on item {self.item}"
+        if phase is None:
+            text = f"{where} failed on item {self.item}"
+        elif phase == "run":
+            text = f"{where} failed"
+        else:
+            text = f"{where} failed in {phase}"
         if meta:
             text += f" (meta {describe_item(meta)})"
         text += f": {type(cause).__name__}: {cause}"

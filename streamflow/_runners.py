@@ -59,7 +59,7 @@ class Runner:
         except StageError as exc:
             self.rt.fail(exc)
         except Exception as exc:  # a bug or a failing context manager: still name the stage
-            self.rt.fail(StageError(self.name, None, exc, flow=self.rt.name))
+            self.rt.fail(StageError(self.name, None, exc, flow=self.rt.name, phase="run"))
         finally:
             for out in self.outboxes:
                 out._writer_done()
@@ -259,7 +259,7 @@ class FunctionRunner(Runner):
             else:
                 method()
         except Exception as exc:
-            raise StageError(self.name, f"<{what}>", exc, flow=self.rt.name) from None
+            raise StageError(self.name, None, exc, flow=self.rt.name, phase=what) from None
 
     async def _teardown(self) -> None:
         assert self.stage is not None

@@ -168,6 +168,7 @@ class RunningFlow:
                 stage=error.stage,
                 policy="fail",
                 item=error.item,
+                phase=error.phase,
                 meta=error.meta,
                 error=repr(error.cause),
             )

@@ -141,8 +141,12 @@ async def test_setup_failure_names_the_stage() -> None:
 
     flow = sf.Flow("f")
     flow.source("n", range(3)).map("model", Broken()).sink("o", sf.collect())
-    with pytest.raises(sf.StageError, match="stage 'model' .* item '<setup>': OSError: no model"):
+    with pytest.raises(
+        sf.StageError, match="stage 'model' .* failed in setup: OSError: no model"
+    ) as err:
         await flow.run()
+    assert err.value.phase == "setup"
+    assert err.value.item is None
 
 
 async def test_overflow_error_fails_naming_the_full_stage() -> None:
