@@ -109,9 +109,14 @@ class Flow:
             if isinstance(source, Iterable) and not isinstance(source, str | bytes):
                 source = iterate(source)
             else:
+                hint = (
+                    f"; call it: {source.__name__}(...) gives the iterable"
+                    if inspect.isfunction(source) or inspect.ismethod(source)
+                    else ""
+                )
                 raise GraphError(
                     f"source {name!r}: expected an async iterable (sf.Source) or an iterable, "
-                    f"got {source!r}"
+                    f"got {source!r}{hint}"
                 )
         return Stream(self, self._add(_Node(name, "source", fn=source)))
 

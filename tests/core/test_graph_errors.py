@@ -1,5 +1,7 @@
 """Bad graphs fail when they are built (or at the latest when started), naming the problem."""
 
+from collections.abc import AsyncIterator
+
 import pytest
 
 import streamflow as sf
@@ -64,6 +66,12 @@ def test_bad_options() -> None:
         s.sink("k", object())  # type: ignore[arg-type]
     with pytest.raises(sf.GraphError, match="expected an async iterable"):
         flow.source("bad", 42)  # type: ignore[arg-type]
+
+    async def readings() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(sf.GraphError, match=r"call it: readings\(\.\.\.\) gives the iterable"):
+        flow.source("uncalled", readings)  # type: ignore[arg-type]
 
 
 def test_async_function_pinned_to_a_worker_is_rejected() -> None:
