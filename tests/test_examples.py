@@ -9,7 +9,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("name", ["quickstart.py", "pipelined_inference.py"])
+@pytest.mark.parametrize("name", ["quickstart.py", "pipelined_inference.py", "model_server.py"])
 def test_example_runs(name: str) -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120

@@ -35,6 +35,27 @@ async def test_fail_stops_the_flow_and_names_stage_and_item() -> None:
     assert next(e for e in logs if e["event"] == "flow.stop")["reason"] == "failed"
 
 
+async def test_tensors_and_batches_of_them_are_named_by_shape_never_by_value() -> None:
+    import torch
+
+    def boom(x: object) -> object:
+        raise ValueError("no")
+
+    for value, expected in (
+        (torch.full((2, 3), 7.5), "Tensor(shape=[2, 3], dtype=torch.float32)"),
+        (
+            [torch.full((4,), 7.5)] * 5,
+            "list of 5, the first Tensor(shape=[4], dtype=torch.float32)",
+        ),
+    ):
+        flow = sf.Flow("f")
+        flow.source("n", [value]).map("m", boom).sink("o", sf.collect())
+        with pytest.raises(sf.StageError) as info:
+            await flow.run()
+        assert info.value.item == expected
+        assert "7.5" not in str(info.value)
+
+
 async def test_error_names_the_source_metadata() -> None:
     flow = sf.Flow("f")
     flow.source("s", MemorySource(range(10))).map("check", _reject_7).sink("o", sf.collect())
