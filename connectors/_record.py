@@ -23,8 +23,9 @@ class Record:
     broken (a truncated or oversized frame, an overlong line): such a record always fails to
     decode, so it reaches the decode stage's error policy like any other malformed input.
 
-    Sources yield records inside :class:`streamflow.Message` envelopes whose ``meta`` is
-    ``{"source": ..., **position}``. Sinks of this package pass a ``Record`` through raw
+    Sources that commit (Kafka, MQTT, files) yield records inside
+    :class:`streamflow.Message` envelopes whose ``meta`` is ``{"source": ..., **position}``;
+    socket sources yield bare records. Sinks of this package pass a ``Record`` through raw
     (``raw``, ``key`` and ``headers`` unchanged).
     """
 
