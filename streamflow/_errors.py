@@ -17,13 +17,16 @@ _repr.maxdict = 6
 def describe_item(item: Any) -> str:
     """A short, safe description of an item for error messages and logs.
 
-    Tensors and arrays are described by shape and dtype, never by their values; so is a
-    list or tuple of them (a batch), by its length and first element.
+    Tensors and arrays are described by shape and dtype, never by their values; so are a
+    short tuple holding them (element by element) and a list of them (a batch: its length
+    and first element).
     """
     shape = getattr(item, "shape", None)
     dtype = getattr(item, "dtype", None)
     if shape is not None and dtype is not None:
         return f"{type(item).__name__}(shape={list(shape)}, dtype={dtype})"
+    if isinstance(item, tuple) and 0 < len(item) <= 4 and any(hasattr(i, "shape") for i in item):
+        return "(" + ", ".join(describe_item(i) for i in item) + ")"  # e.g. an (x, y) pair
     if isinstance(item, list | tuple) and item and hasattr(item[0], "shape"):  # a batch
         return f"{type(item).__name__} of {len(item)}, the first {describe_item(item[0])}"
     try:

@@ -47,6 +47,10 @@ async def test_tensors_and_batches_of_them_are_named_by_shape_never_by_value() -
             [torch.full((4,), 7.5)] * 5,
             "list of 5, the first Tensor(shape=[4], dtype=torch.float32)",
         ),
+        (
+            (torch.full((1, 4), 7.5), 3),
+            "(Tensor(shape=[1, 4], dtype=torch.float32), 3)",
+        ),
     ):
         flow = sf.Flow("f")
         flow.source("n", [value]).map("m", boom).sink("o", sf.collect())
