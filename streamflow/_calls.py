@@ -24,7 +24,8 @@ class Invoker:
     """Calls one function the way its stage asks: ``await invoker(arg)``.
 
     ``materialize`` turns an iterable or async iterable result into a list (flat_map), on
-    the worker thread when the function runs there.
+    the worker thread when the function runs there. ``wrap`` (for a worker) turns the
+    function into what runs on the worker thread, such as a GPU placement's call.
     """
 
     __slots__ = ("_call", "fn", "is_async")
@@ -36,6 +37,7 @@ class Invoker:
         worker: Worker | None,
         pool_limiter: anyio.CapacityLimiter | None,
         materialize: bool = False,
+        wrap: Callable[[Callable[[Any], Any]], Callable[[Any], Any]] | None = None,
     ) -> None:
         self.fn = fn
         self.is_async = is_async(fn)
@@ -46,7 +48,7 @@ class Invoker:
         else:
             target = _listing(fn) if materialize else fn
             if worker is not None:
-                self._call = _on_worker(worker, target, materialize)
+                self._call = _on_worker(worker, wrap(target) if wrap else target, materialize)
             elif pool_limiter is not None:
                 self._call = _on_pool(pool_limiter, target, materialize)
             else:

@@ -216,7 +216,8 @@ class Stream(Generic[T]):
 
     - ``capacity``, ``overflow``: the bounded channel in front of the new stage.
     - ``device``: ``None`` (the event loop), ``"cpu"`` (a shared thread pool), ``"cpu:N"``
-      (dedicated worker thread N) or ``"cuda:N"``; plain ``def`` functions run there.
+      (dedicated worker thread N) or ``"cuda:N"`` (a worker thread for GPU N, the stage's
+      own CUDA stream, input tensors moved to the GPU); plain ``def`` functions run there.
     - ``concurrency``: items processed at once; results keep input order unless
       ``ordered=False``.
     - ``errors``: ``"fail"``, ``"skip"``, :class:`~streamflow.Retry` or

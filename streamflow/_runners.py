@@ -31,6 +31,7 @@ from ._policy import DeadLetter, FailedItem, Retry
 from ._stage import Stage
 
 if TYPE_CHECKING:
+    from ._cuda import CudaPlacement
     from ._graph import _Node
     from ._runtime import RunningFlow
 
@@ -206,11 +207,17 @@ class FunctionRunner(Runner):
         elif node.kind == "sink" and not callable(fn):
             fn = fn.send
         device = node.device
+        self.cuda: CudaPlacement | None = None
+        if device is not None and device.startswith("cuda"):
+            from ._cuda import CudaPlacement  # needs torch: only for stages on a GPU
+
+            self.cuda = CudaPlacement(device)
         self.invoke = Invoker(
             fn,
             worker=rt.pool.get(device) if device not in (None, "cpu") else None,
             pool_limiter=anyio.CapacityLimiter(node.concurrency) if device == "cpu" else None,
             materialize=node.kind == "flat_map",
+            wrap=self.cuda.wrap if self.cuda is not None else None,
         )
         self.envelope = node.envelope
         self.produce = {
@@ -235,6 +242,8 @@ class FunctionRunner(Runner):
     async def _open(self, stack: AsyncExitStack) -> None:
         """Enter what the stage holds: a Stage's life cycle, a sink's and dead-letter's context."""
         node = self.node
+        if self.cuda is not None:  # the GPU is there and current on the worker thread
+            await self._lifecycle(self.cuda.prepare, "setup")
         if self.stage is not None:
             stage = self.stage
             stage.device = node.device
