@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._channel import Channel
+from .._cuda import CudaPlacement
 from .._devices import Worker, WorkerPool, resolve_future
 from .._errors import ChannelClosed
 from .._graph import Flow
@@ -229,17 +230,16 @@ class PipelinePart:
         self.torch_device = torch_device(target)
         self.is_cuda = self.torch_device.type == "cuda"
         self.counters = _Counters()
-        self._stream: Any = None
+        self._gpu = CudaPlacement(target) if self.is_cuda else None
         self._graphs: dict[tuple[tuple[int, ...], torch.dtype], Any] = {}
         if cuda_graphs and not self.is_cuda:
             raise ValueError(f"cuda_graphs=True needs CUDA devices, part {index} is on {target}")
 
     def prepare(self) -> None:
-        """On the part's device thread: set its intra-op threads, place the weights, make a
-        CUDA stream."""
-        if self.is_cuda:
-            torch.cuda.set_device(self.torch_device)
-            self._stream = torch.cuda.Stream(self.torch_device)  # type: ignore[no-untyped-call]
+        """On the part's device thread: set its intra-op threads, or check the GPU, make it
+        current and create the part's CUDA stream; then place the weights."""
+        if self._gpu is not None:
+            self._gpu.prepare()
         else:
             torch.set_num_threads(self.threads)
         self.module.to(self.torch_device).eval()
@@ -247,31 +247,13 @@ class PipelinePart:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward one batch on this part's device (call it on the part's thread).
 
-        On CUDA the copy in and the forward are queued on the part's own stream, ordered
-        after the producer's work by an event; the thread (never the event loop) waits for
-        the result before handing it on.
+        On CUDA the copy in and the forward are queued on the part's own stream, and the
+        thread (never the event loop) waits for the result before handing it on (see
+        ``streamflow._cuda.CudaPlacement``).
         """
-        if not self.is_cuda:
+        if self._gpu is None:
             return self.module(x if x.device.type == "cpu" else x.cpu())  # type: ignore[no-any-return]
-        stream = self._stream
-        if x.is_cuda:
-            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            ready.record(torch.cuda.current_stream(x.device))
-            stream.wait_event(ready)
-        elif not x.is_pinned():
-            x = x.pin_memory()
-        with torch.cuda.stream(stream):
-            x = x.to(self.torch_device, non_blocking=True)
-            y = self._replay(x) if self.cuda_graphs else self.module(x)
-            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            done.record(stream)
-        done.synchronize()
-        if isinstance(y, torch.Tensor):
-            # A consumer may queue work on y on the default stream and drop y before that
-            # work ran: the caching allocator must not hand y's memory back to this part's
-            # stream until then.
-            y.record_stream(torch.cuda.default_stream(self.torch_device))
-        return y
+        return self._gpu.run(self._replay if self.cuda_graphs else self.module, x)  # type: ignore[no-any-return]
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
         """Run a CUDA graph captured for ``x``'s shape and dtype (captured on first use)."""
@@ -285,7 +267,9 @@ class PipelinePart:
             # "thread_local": the other parts keep running on their own threads while this
             # one captures (allocating, waiting on events), which the default "global" mode
             # would count as an error in this capture.
-            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+            assert self._gpu is not None
+            stream = self._gpu.stream
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 static_out = self.module(static_in)
             entry = self._graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = entry
