@@ -63,8 +63,11 @@ class _Node:
     options: dict[str, Any] = field(default_factory=dict)
 
     def label(self) -> str:
-        fn = self.fn.__class__.__name__ if isinstance(self.fn, Stage) else _fn_name(self.fn)
-        return fn or ""
+        """What the stage runs: a function's name, a Stage's class name (or its own repr)."""
+        fn = self.fn
+        if isinstance(fn, Stage):
+            return repr(fn) if type(fn).__repr__ is not object.__repr__ else type(fn).__name__
+        return _fn_name(fn)
 
 
 def _fn_name(fn: Any) -> str:

@@ -297,6 +297,12 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
         self._finished = 0  # samples out of the last part (written by part threads only)
         self.steps: list[Callable[[Any, BaseException | None], None]] = []
 
+    def __repr__(self) -> str:
+        parts = " | ".join(
+            f"layers {p.layers[0]}..{p.layers[1] - 1} on {p.target}" for p in self.pipe.parts
+        )
+        return f"pipeline [{parts}]" + (" inline" if self.pipe.inline else "")
+
     async def setup(self) -> None:
         """Place each part on its device's worker: the flow's own worker for that device
         (shared with other stages pinned there) or, outside a flow, a private one. A second

@@ -275,6 +275,12 @@ class _TrainerStage(Stage[Any, torch.Tensor]):
         self.ready: deque[tuple[int, torch.Tensor]] = deque()  # predictions to settle
         self.wakeup = False  # a _settle call is scheduled on the loop
 
+    def __repr__(self) -> str:
+        parts = " | ".join(
+            f"layers {p.layers[0]}..{p.layers[1] - 1} on {p.target}" for p in self.parts
+        )
+        return f"trainer {self.schedule.name} [{parts}]"
+
     async def setup(self) -> None:
         trainer = self.trainer
         if trainer._running:

@@ -295,3 +295,10 @@ async def test_a_small_single_stage_runs_inline_on_the_loop() -> None:
     assert_same(outputs, reference(model, frames))
     big = sf.pipeline(model, ["cpu:0"], torch.randn(1, 4), inline_below=0)
     assert not big.inline
+
+
+async def test_the_flow_description_shows_the_parts() -> None:
+    pipe = sf.pipeline(mlp(), ["cpu:0", "cpu:1"], torch.randn(1, 32), partition=[5, 7])
+    flow = sf.Flow("f")
+    flow.source("n", [torch.randn(1, 32)]).map("model", pipe).sink("o", sf.collect())
+    assert "pipeline [layers 0..4 on cpu:0 | layers 5..11 on cpu:1]" in str(flow.describe())
