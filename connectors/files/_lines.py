@@ -32,17 +32,23 @@ class LinesSource:
     bytes without its line end; ``position`` is its ``line`` number, from 1, and byte
     ``offset``), decoded with ``codec`` by :func:`connectors.decode`.
 
-    ``follow=True`` works like ``tail -f``: at the end of the file it waits for more (polling
+    ``follow=True`` works like ``tail -F``: at the end of the file it waits for more (polling
     every ``poll_interval`` s, waiting for the file to appear if needed) and never ends by
     itself; a line is only emitted once its newline is written, so a writer's half-written
-    line is never read. A file that shrank below the read position (truncated or replaced)
-    is read again from the start, logged as ``connector.file_truncated``.
+    line is never read. Log rotation is followed: when ``path`` names another file (the old
+    one was renamed and a new one created), the rest of the old file is read, its last line
+    too, and reading goes on at the start of the new one (``connector.file_rotated``). A file
+    truncated below the read position (``copytruncate``) is read again from the start,
+    logged as ``connector.file_truncated``.
 
     Resume: :attr:`position` is the committed :class:`FilePosition`: every record before it
     was handled by the flow (acked), in file order, whatever order they finished in. Pass it
     back as ``start=``, or give ``checkpoint=`` a file path: the position is saved there
     (atomically, at most every ``checkpoint_interval`` s and on exit) and read back on start.
-    At least once: records after the saved position are read again after a crash.
+    At least once: records after the saved position are read again after a crash. The
+    position names the file's inode: if ``path`` names another file on restart (it was
+    rotated meanwhile), the new file is read from its start, and what the old one held after
+    the position is not read again (``connector.file_rotated``, logged with the position).
 
     A line longer than ``max_line`` bytes becomes a record with ``error`` set (its first bytes
     as ``raw``) and is skipped up to its newline, so it meets the decode stage's error policy.
@@ -78,6 +84,8 @@ class LinesSource:
         self._offset = 0  # file offset of _buf[0]
         self._line = 0  # lines consumed before _buf[0]
         self._skipping = False
+        self._inode = 0  # of the file being read
+        self._seq = 0  # records read, the key of each one's ack
         self._done: InOrder[int, FilePosition] = InOrder()
         self._committed = FilePosition()
         self._entered = False
@@ -98,7 +106,7 @@ class LinesSource:
         if start is None and self._checkpoint is not None:
             state = self._checkpoint.load()
             if state is not None:
-                start = FilePosition(int(state["offset"]), int(state["line"]))
+                start = FilePosition.of_state(state)
                 log.info("connector.resume", source=self.name, offset=start.offset, line=start.line)
         self._committed = start or FilePosition()
         return self
@@ -118,7 +126,9 @@ class LinesSource:
         if self._checkpoint is not None:
             self._checkpoint.save(Checkpoint.of_position(self.path, self._committed), force=force)
 
-    async def _open(self) -> BinaryIO | None:
+    async def _open(self, start: FilePosition | None = None) -> BinaryIO | None:
+        """Open ``path`` (waiting for it in follow mode) at ``start``, by default the
+        committed position."""
         while True:
             try:
                 f = await anyio.to_thread.run_sync(_open_binary, self.path)
@@ -127,24 +137,45 @@ class LinesSource:
                     raise
                 await anyio.sleep(self.poll_interval)
                 continue
-            await self._begin(f)
+            await self._begin(f, start)
             return f
 
-    async def _begin(self, f: BinaryIO) -> None:
-        """Position ``f`` at the committed position (a subclass may read a header first)."""
-        start = self._committed
-        size = os.fstat(f.fileno()).st_size
-        if start.offset > size:
-            log.warning(
-                "connector.file_truncated",
-                source=self.name,
-                offset=start.offset,
-                size=size,
-                action="reading from the start",
-            )
-            start = self._committed = FilePosition()
+    async def _begin(self, f: BinaryIO, start: FilePosition | None) -> None:
+        """Position ``f`` at ``start`` (a new file: its first record), or by default at the
+        committed position when that lies in this file."""
+        stat = os.fstat(f.fileno())
+        self._inode = stat.st_ino
+        first = await self._first_record(f)
+        if start is None:
+            start = self._committed
+            if start.inode and start.inode != stat.st_ino:
+                log.warning(
+                    "connector.file_rotated",
+                    source=self.name,
+                    offset=start.offset,
+                    line=start.line,
+                    action="the position is in an older file: reading the new one from the start",
+                )
+                start = self._committed = first
+            elif start.offset > stat.st_size:
+                log.warning(
+                    "connector.file_truncated",
+                    source=self.name,
+                    offset=start.offset,
+                    size=stat.st_size,
+                    action="reading from the start",
+                )
+                start = self._committed = first
+            elif start.offset < first.offset:
+                start = self._committed = first
+        elif start.offset < first.offset:
+            start = first
         f.seek(start.offset)
         self._offset, self._line = start.offset, start.line
+
+    async def _first_record(self, f: BinaryIO) -> FilePosition:
+        """Where the records of ``f`` begin (a subclass may read a header there)."""
+        return FilePosition(0, 0, self._inode)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -172,6 +203,18 @@ class LinesSource:
                 if message is not None:
                     return message
                 raise StopAsyncIteration
+            if self._rotated(f):
+                message = self._next_record(at_eof=True)  # the old file's last line
+                if message is not None:
+                    return message
+                log.info("connector.file_rotated", source=self.name, lines=self._line)
+                f.close()
+                self._buf.clear()
+                self._scan = 0
+                self._skipping = False
+                self._file = f = await self._open(FilePosition())
+                assert f is not None
+                continue
             if os.fstat(f.fileno()).st_size < self._offset + len(self._buf):
                 log.warning(
                     "connector.file_truncated",
@@ -179,12 +222,22 @@ class LinesSource:
                     offset=self._offset + len(self._buf),
                     action="reading from the start",
                 )
-                f.seek(0)
                 self._buf.clear()
-                self._scan = self._offset = self._line = 0
+                self._scan = 0
                 self._skipping = False
+                f.seek(0)
+                await self._begin(f, FilePosition())
                 continue
             await anyio.sleep(self.poll_interval)
+
+    def _rotated(self, f: BinaryIO) -> bool:
+        """Whether ``path`` now names another file than ``f`` (read to its end just now)."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:  # renamed, the new one not created yet: keep reading f
+            return False
+        then = os.fstat(f.fileno())
+        return (now.st_ino, now.st_dev) != (then.st_ino, then.st_dev)
 
     def _record_end(self, buf: bytearray, start: int) -> int:
         """Index of the newline ending the record that starts at ``start`` (-1: none yet)."""
@@ -216,13 +269,17 @@ class LinesSource:
             self._drop(consumed, lines=raw.count(b"\n") + 1)
             if self.skip_blank and not raw.strip():
                 continue
-            after = FilePosition(self._offset, self._line)
+            after = FilePosition(self._offset, self._line, self._inode)
             return self._message(raw, line_no, offset, None, after)
 
     def _overlong(self, n: int, *, complete: bool) -> sf.Message[Record]:
         line_no, offset = self._line + 1, self._offset
         # resume before an overlong line until its end was seen
-        after = FilePosition(offset + n, line_no) if complete else FilePosition(offset, line_no - 1)
+        after = (
+            FilePosition(offset + n, line_no, self._inode)
+            if complete
+            else FilePosition(offset, line_no - 1, self._inode)
+        )
         raw = bytes(self._buf[:64])
         self._drop(n, lines=1 if complete else 0)
         self._skipping = not complete
@@ -240,12 +297,13 @@ class LinesSource:
     ) -> sf.Message[Record]:
         position = {"line": line, "offset": offset}
         record = Record(raw, self.name, position, codec=self.codec, error=error)
-        self._done.track(line, after)
+        self._seq += 1  # not the line number: lines start again in a rotated file
+        self._done.track(self._seq, after)
         meta = {"source": self.name, **position}
-        return sf.Message(record, meta=meta, on_ack=partial(self._ack, line))
+        return sf.Message(record, meta=meta, on_ack=partial(self._ack, self._seq))
 
-    def _ack(self, line: int, outcome: sf.Outcome) -> None:
-        released = self._done.done(line)
+    def _ack(self, seq: int, outcome: sf.Outcome) -> None:
+        released = self._done.done(seq)
         if released:
             self._committed = released[-1]
 
@@ -282,24 +340,27 @@ class CsvSource(LinesSource):
             raise TypeError("CsvSource builds its codec from the header; use fieldnames=")
         super().__init__(path, **options)
         self.fieldnames = None if fieldnames is None else tuple(fieldnames)
+        self._header_in_file = fieldnames is None
         self.delimiter = delimiter
 
-    async def _begin(self, f: BinaryIO) -> None:
-        if self.fieldnames is None:
-            header = await anyio.to_thread.run_sync(f.readline, self.max_line)
-            if not header.endswith(b"\n"):
+    async def _first_record(self, f: BinaryIO) -> FilePosition:
+        """After the header line, when the file has one (every file, a rotated one too)."""
+        first = FilePosition(0, 0, self._inode)
+        if self._header_in_file:
+            while True:
+                f.seek(0)
+                header = await anyio.to_thread.run_sync(f.readline, self.max_line)
+                if header.endswith(b"\n"):
+                    break
                 if not self.follow:
                     raise ValueError(f"{self.name}: no CSV header line")
-                f.seek(0)
-                await anyio.sleep(self.poll_interval)
-                await self._begin(f)
-                return
-            names = next(csv.reader([header.decode().rstrip("\r\n")], delimiter=self.delimiter))
-            self.fieldnames = tuple(names)
-            if self._committed.offset < len(header):
-                self._committed = FilePosition(len(header), 1)
+                await anyio.sleep(self.poll_interval)  # the writer is still at it
+            text = header.decode().rstrip("\r\n")
+            self.fieldnames = tuple(next(csv.reader([text], delimiter=self.delimiter)))
+            first = FilePosition(len(header), 1, self._inode)
+        assert self.fieldnames is not None
         self.codec = CsvCodec(self.fieldnames, delimiter=self.delimiter)
-        await super()._begin(f)
+        return first
 
     def _record_end(self, buf: bytearray, start: int) -> int:
         # a newline inside quotes does not end the record: count quotes up to each newline

@@ -20,11 +20,18 @@ log = structlog.get_logger("streamflow")
 
 @dataclass(frozen=True, slots=True)
 class FilePosition:
-    """A place in a line-based file: ``offset`` bytes and ``line`` lines from the start.
-    As a source's committed position, every record before it has been handled."""
+    """A place in a line-based file: ``offset`` bytes and ``line`` lines from the start of
+    the file whose inode number is ``inode`` (0: any file at the path). As a source's
+    committed position, every record before it has been handled."""
 
     offset: int = 0
     line: int = 0
+    inode: int = 0
+
+    @classmethod
+    def of_state(cls, state: dict[str, Any]) -> FilePosition:
+        """The position a checkpoint holds (see :meth:`Checkpoint.of_position`)."""
+        return cls(int(state["offset"]), int(state["line"]), int(state.get("inode", 0)))
 
 
 class Checkpoint:

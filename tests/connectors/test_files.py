@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ async def test_json_lines_round_trip(tmp_path: Path) -> None:
     reader.source("file", source).map("decode", connectors.decode).sink("out", sf.collect(out))
     await reader.run()
     assert out == rows
-    assert source.position == FilePosition(path.stat().st_size, 100)
+    assert source.position == FilePosition(path.stat().st_size, 100, path.stat().st_ino)
 
 
 async def test_broken_json_line_is_skipped_with_its_line_number(tmp_path: Path) -> None:
@@ -116,7 +117,94 @@ async def test_follow_mode_reads_appended_lines_and_never_half_a_line(tmp_path: 
         _append(path, b"ee\n")
         await until(lambda: out == ["one", "two", "three"])
         await running.stop()
-    assert source.position == FilePosition(14, 3)
+    assert source.position == FilePosition(14, 3, path.stat().st_ino)
+
+
+async def test_follow_mode_follows_a_rotated_file(tmp_path: Path) -> None:
+    """logrotate's default: rename the file, create a new one; the writer finishes its line
+    in the old file first. Every line of both files arrives once, in order."""
+    path = tmp_path / "app.log"
+    out: list[str] = []
+    source = LinesSource(path, follow=True, poll_interval=0.02)
+    flow = sf.Flow("tail")
+    flow.source("file", source).map("decode", connectors.decode).sink("out", sf.collect(out))
+    with capture_logs() as logs:
+        async with flow.start() as running:
+            _append(path, b"a1\na2\n")
+            await until(lambda: out == ["a1", "a2"])
+            old_inode = path.stat().st_ino
+            path.rename(tmp_path / "app.log.1")
+            _append(tmp_path / "app.log.1", b"a3\na4")  # still writing to the old file
+            await asyncio.sleep(0.1)
+            _append(path, b"b1\n")  # the new file appears
+            await until(lambda: out == ["a1", "a2", "a3", "a4", "b1"])
+            _append(path, b"b2\n")
+            await until(lambda: out[-1:] == ["b2"])
+            await running.stop()
+    assert out == ["a1", "a2", "a3", "a4", "b1", "b2"]
+    new_inode = path.stat().st_ino
+    assert new_inode != old_inode
+    assert source.position == FilePosition(6, 2, new_inode)
+    assert any(e["event"] == "connector.file_rotated" for e in logs)
+
+
+async def test_csv_rotation_reads_the_new_files_header(tmp_path: Path) -> None:
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor,value\ns1,1\n")
+    out: list[dict[str, str]] = []
+    source = CsvSource(path, follow=True, poll_interval=0.02)
+    flow = sf.Flow("tail")
+    flow.source("file", source).map("decode", connectors.decode).sink("out", sf.collect(out))
+    async with flow.start() as running:
+        await until(lambda: len(out) == 1)
+        path.rename(tmp_path / "readings.csv.1")
+        path.write_text("sensor,value,unit\ns2,2,C\n")  # a new file, a new header
+        await until(lambda: len(out) == 2)
+        await running.stop()
+    assert out == [{"sensor": "s1", "value": "1"}, {"sensor": "s2", "value": "2", "unit": "C"}]
+
+
+async def test_csv_truncated_in_place_is_read_again_after_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "readings.csv"
+    path.write_text("sensor,value\ns1,1\ns2,2\n")
+    out: list[dict[str, str]] = []
+    flow = sf.Flow("tail")
+    flow.source("file", CsvSource(path, follow=True, poll_interval=0.02)).map(
+        "decode", connectors.decode
+    ).sink("out", sf.collect(out))
+    async with flow.start() as running:
+        await until(lambda: len(out) == 2)
+        os.truncate(path, 0)  # logrotate's copytruncate, then the writer goes on
+        await asyncio.sleep(0.1)
+        _append(path, b"sensor,value\ns3,3\n")
+        await until(lambda: len(out) == 3)
+        await asyncio.sleep(0.1)
+        await running.stop()
+    assert out[2:] == [{"sensor": "s3", "value": "3"}]
+
+
+async def test_resume_after_the_file_was_rotated_while_stopped(tmp_path: Path) -> None:
+    path, checkpoint = tmp_path / "app.log", tmp_path / "app.pos"
+    path.write_text("".join(f"old {i}\n" for i in range(10)))
+    first: list[str] = []
+    flow = sf.Flow("first")
+    flow.source("file", LinesSource(path, checkpoint=checkpoint)).map(
+        "decode", connectors.decode
+    ).sink("out", sf.collect(first))
+    await flow.run()
+    assert len(first) == 10
+    path.rename(tmp_path / "app.log.1")
+    path.write_text("".join(f"new {i}\n" for i in range(20)))  # longer than the old one
+    second: list[str] = []
+    flow = sf.Flow("second")
+    flow.source("file", LinesSource(path, checkpoint=checkpoint)).map(
+        "decode", connectors.decode
+    ).sink("out", sf.collect(second))
+    with capture_logs() as logs:
+        await flow.run()
+    assert second == [f"new {i}" for i in range(20)]  # not from the old file's offset
+    assert any(e["event"] == "connector.file_rotated" for e in logs)
+    assert json.loads(checkpoint.read_text())["inode"] == path.stat().st_ino
 
 
 async def test_resume_from_a_checkpoint_after_a_stop(tmp_path: Path) -> None:
