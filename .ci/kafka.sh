@@ -13,6 +13,8 @@ KAFKA_VERSION="${KAFKA_VERSION:-4.1.2}"
 LOG4J_VERSION="${LOG4J_VERSION:-2.25.3}"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+# A SASL/PLAIN listener too, so the tests can check authentication against the real broker
+KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-9094}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m}"
 # C1-only JIT + serial GC: much less CPU at startup on small machines.
@@ -68,11 +70,13 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_streamflow="streamflow-secret";
 log.dirs=$DATA
 auto.create.topics.enable=true
 num.partitions=1
@@ -169,6 +173,7 @@ start() {
     fi
     port_open "$KAFKA_PORT" && die "127.0.0.1:$KAFKA_PORT is in use but does not answer like Kafka (set KAFKA_PORT)"
     port_open "$KAFKA_CONTROLLER_PORT" && die "controller port 127.0.0.1:$KAFKA_CONTROLLER_PORT is in use (set KAFKA_CONTROLLER_PORT)"
+    port_open "$KAFKA_SASL_PORT" && die "SASL port 127.0.0.1:$KAFKA_SASL_PORT is in use (set KAFKA_SASL_PORT)"
     command -v "$JAVA" >/dev/null || die "java not found (Kafka $KAFKA_VERSION needs Java 17+)"
 
     mkdir -p "$DIR" "$DATA" "$LOGS"

@@ -14,6 +14,7 @@ See docs/CONNECTORS.md for each connector's delivery guarantee.
 
 from ._deadletter import DeadLetterEntry as DeadLetterEntry
 from ._deadletter import dead_letter_entry as dead_letter_entry
+from ._errors import AuthenticationFailed as AuthenticationFailed
 from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import ConnectorError as ConnectorError
 from ._errors import FrameError as FrameError
@@ -33,6 +34,7 @@ __all__ = [
     "BYTES",
     "JSON",
     "TEXT",
+    "AuthenticationFailed",
     "BrokerUnavailable",
     "BytesCodec",
     "Codec",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BrokerUnavailable", "ConnectorError", "FrameError"]
+__all__ = ["AuthenticationFailed", "BrokerUnavailable", "ConnectorError", "FrameError"]
 
 
 class ConnectorError(Exception):
@@ -12,6 +12,12 @@ class ConnectorError(Exception):
 class BrokerUnavailable(ConnectorError):
     """A broker or peer stayed unreachable for longer than the connector's
     ``reconnect_timeout``. The message names the connector, the address and the last error."""
+
+
+class AuthenticationFailed(ConnectorError):
+    """A broker answered but refused the connection's credentials or TLS handshake. Raised at
+    once, without retrying: the message names the connector, the address and the broker's
+    reason."""
 
 
 class FrameError(ValueError):

@@ -144,7 +144,7 @@ class KafkaSink:
                 **self.producer_options,
             }
             producer = await start_client(
-                lambda: AIOKafkaProducer(**kwargs), self._what(), self.reconnect_timeout
+                lambda: AIOKafkaProducer(**kwargs), self._what(), self.reconnect_timeout, kwargs
             )
             self._producer = producer
             log.info("connector.start", connector=self._what())

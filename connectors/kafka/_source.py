@@ -170,7 +170,7 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
             **self.consumer_options,
         }
         consumer = await start_client(
-            lambda: AIOKafkaConsumer(**kwargs), self._what(), self.reconnect_timeout
+            lambda: AIOKafkaConsumer(**kwargs), self._what(), self.reconnect_timeout, kwargs
         )
         consumer.subscribe(self.topics, listener=_Listener(self))
         self._consumer = consumer

@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
-from aiokafka.errors import KafkaError
+import anyio
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 
 from .._backoff import Backoff
+from .._errors import AuthenticationFailed
 
 __all__ = ["start_client"]
+
+# the client options that decide whether a broker accepts a connection
+_CONNECTION_OPTIONS = (
+    "client_id",
+    "ssl_context",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_plain_username",
+    "sasl_plain_password",
+    "sasl_kerberos_service_name",
+    "sasl_kerberos_domain_name",
+    "sasl_oauth_token_provider",
+)
+_REFUSALS = (
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+    IllegalSaslStateError,
+    ssl.SSLError,
+)
 
 
 class _Client(Protocol):
@@ -21,9 +50,14 @@ class _Client(Protocol):
 C = TypeVar("C", bound=_Client)
 
 
-async def start_client(make: Callable[[], C], what: str, give_up_after: float | None) -> C:
-    """A started client from ``make()``; a failed start is stopped and retried with backoff.
+async def start_client(
+    make: Callable[[], C], what: str, give_up_after: float | None, options: Mapping[str, Any]
+) -> C:
+    """A started client from ``make()`` (built with ``options``); a failed start is stopped
+    and retried with backoff.
 
+    :raises ~connectors.AuthenticationFailed: a broker answered but refused the credentials
+        or the TLS handshake (retrying cannot help; aiokafka itself only logs why).
     :raises ~connectors.BrokerUnavailable: the broker stayed unreachable ``give_up_after`` s.
     """
     backoff = Backoff(what, give_up_after=give_up_after)
@@ -33,6 +67,33 @@ async def start_client(make: Callable[[], C], what: str, give_up_after: float | 
             await client.start()
         except KafkaError as exc:
             await client.stop()
+            secured = options.get("security_protocol", "PLAINTEXT") != "PLAINTEXT"
+            if secured and isinstance(exc, KafkaConnectionError):
+                await _check_not_refused(what, options)
             await backoff.wait(exc)
             continue
         return client
+
+
+async def _check_not_refused(what: str, options: Mapping[str, Any]) -> None:
+    """Connect to each bootstrap server once, as the client would, to learn why it failed."""
+    servers = options.get("bootstrap_servers", "localhost")
+    hosts = servers.split(",") if isinstance(servers, str) else list(servers)
+    kwargs = {k: options[k] for k in _CONNECTION_OPTIONS if k in options}
+    for server in hosts:
+        host, _, port = server.strip().rpartition(":")
+        if not host:
+            host, port = port, "9092"
+        try:
+            with anyio.fail_after(10):
+                conn = await create_conn(
+                    host.strip("[]"), int(port), request_timeout_ms=5000, **kwargs
+                )
+        except _REFUSALS as exc:
+            why = str(exc) if isinstance(exc, KafkaError) else f"{type(exc).__name__}: {exc}"
+            raise AuthenticationFailed(
+                f"{what}: {server.strip()} refused the connection: {why}"
+            ) from exc
+        except (OSError, KafkaError, TimeoutError, ValueError):
+            continue  # not reachable, or not answering yet: the caller retries
+        conn.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from connectors.kafka import DeadLetterTopic, KafkaMessage, KafkaSink, KafkaSour
 
 from ._kafka import committed, create_topic, produce, read_all
 from ._wait import until
-from .conftest import ROOT
+from .conftest import ROOT, answers
 
 pytestmark = pytest.mark.asyncio
 
@@ -348,6 +349,53 @@ async def test_unreachable_broker_fails_the_flow_with_a_clear_error(brokers: Non
     flow.source("n", [b"x"]).sink("kafka", sink)
     with pytest.raises(sf.StageError, match="kafka sink t .*unreachable for"):
         await flow.run()
+
+
+async def test_sasl_plain_against_the_real_broker(kafka: str, name: str) -> None:
+    """The project's Kafka has a SASL/PLAIN listener (.ci/kafka.sh); good credentials carry
+    data both ways, wrong ones fail the flow at once, saying why."""
+    port = int(os.environ.get("KAFKA_SASL_PORT", "9094"))
+    if not answers(port):
+        pytest.skip(f"the running Kafka has no SASL listener on {port} (not .ci/kafka.sh's)")
+    sasl = f"127.0.0.1:{port}"
+    good = Security(
+        "SASL_PLAINTEXT", mechanism="PLAIN", username="streamflow", password="streamflow-secret"
+    )
+    await create_topic(kafka, name)
+    out = sf.Flow("produce")
+    out.source("items", [f"m{i}".encode() for i in range(20)]).sink(
+        "kafka", KafkaSink(name, sasl, security=good)
+    )
+    await out.run()
+    records: list[connectors.Record] = []
+    flow = sf.Flow("consume")
+    flow.source("kafka", KafkaSource(name, name, sasl, security=good)).sink(
+        "out", sf.collect(records)
+    )
+    async with flow.start() as running:
+        await until(lambda: len(records) == 20)
+        await running.stop()
+    assert sorted(bytes(r.raw) for r in records) == sorted(f"m{i}".encode() for i in range(20))
+
+    bad = Security(
+        "SASL_PLAINTEXT", mechanism="PLAIN", username="streamflow", password="not-the-password"
+    )
+    for stage in ("source", "sink"):
+        flow = sf.Flow(f"bad-{stage}")
+        if stage == "source":
+            source = KafkaSource(name, f"{name}-bad", sasl, security=bad, reconnect_timeout=60)
+            flow.source("kafka", source).sink("out", sf.collect())
+        else:
+            sink = KafkaSink(name, sasl, security=bad, reconnect_timeout=60)
+            flow.source("items", [b"x"]).sink("kafka", sink)
+        t0 = time.monotonic()
+        with pytest.raises(sf.StageError) as info:
+            await flow.run()
+        assert isinstance(info.value.cause, connectors.AuthenticationFailed)
+        assert "Authentication failed" in str(info.value) and "not-the-password" not in str(
+            info.value
+        )
+        assert time.monotonic() - t0 < 30  # at once, not after reconnect_timeout
 
 
 async def test_security_options_pass_through() -> None:
