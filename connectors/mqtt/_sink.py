@@ -15,6 +15,7 @@ import structlog
 from .._backoff import Backoff
 from .._record import Record
 from ..codecs import BYTES, Codec
+from ._refused import raise_if_refused
 
 __all__ = ["MqttMessage", "MqttSink"]
 
@@ -121,6 +122,7 @@ class MqttSink:
             try:
                 await client.__aenter__()
             except aiomqtt.MqttError as exc:
+                raise_if_refused(exc, self._what())
                 await backoff.wait(exc)
                 continue
             backoff.reset()

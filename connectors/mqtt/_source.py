@@ -23,6 +23,7 @@ from .._errors import ConnectorError
 from .._inorder import InOrder
 from .._record import Record
 from ..codecs import BYTES, Codec
+from ._refused import raise_if_refused
 
 __all__ = ["MqttSource", "MqttSourceStats"]
 
@@ -173,6 +174,7 @@ class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
                 except aiomqtt.MqttError as exc:
                     self._client = None
                     self._connected.clear()
+                    raise_if_refused(exc, self._what())
                     await backoff.wait(exc)
         except asyncio.CancelledError:
             raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ import streamflow as sf
 from connectors.mqtt import MqttMessage, MqttSink, MqttSource
 
 from ._wait import until
-from .conftest import broker_script
+from .conftest import answers, broker_script
 
 pytestmark = pytest.mark.asyncio
 
@@ -182,3 +184,35 @@ async def test_unreachable_broker_fails_the_flow_with_a_clear_error(brokers: Non
     flow.source("n", [json.dumps(1)]).sink("mqtt", MqttSink("t", port=1, reconnect_timeout=0.5))
     with pytest.raises(sf.StageError, match=r"mqtt sink t \(127.0.0.1:1\): unreachable"):
         await flow.run()
+
+
+async def test_a_refused_login_fails_at_once_saying_so(mqtt_port: int, name: str) -> None:
+    """The project's mosquitto has a listener that needs a password (.ci/mosquitto.sh)."""
+    port = int(os.environ.get("MQTT_AUTH_PORT", "1884"))
+    if not answers(port):
+        pytest.skip(f"the running mosquitto has no password listener on {port}")
+    login = {"username": "streamflow", "password": "streamflow-secret"}
+    source = MqttSource(f"{name}/t", port=port, codec=connectors.JSON, **login)
+    out: list[Any] = []
+    flow = sf.Flow("login")
+    flow.source("mqtt", source).map("decode", connectors.decode).sink("out", sf.collect(out))
+    async with flow.start() as running:
+        await source.wait_subscribed()
+        await _publish(port, [MqttMessage(f"{name}/t", {"i": i}) for i in range(5)], **login)
+        await until(lambda: len(out) == 5)
+        await running.stop()
+
+    wrong = {"username": "streamflow", "password": "not-the-password"}
+    for flow in (sf.Flow("bad-source"), sf.Flow("bad-sink")):
+        if flow.name == "bad-source":
+            bad_source = MqttSource(f"{name}/t", port=port, reconnect_timeout=60, **wrong)
+            flow.source("mqtt", bad_source).sink("out", sf.collect())
+        else:
+            bad_sink = MqttSink(f"{name}/t", port=port, reconnect_timeout=60, **wrong)
+            flow.source("n", [b"x"]).sink("mqtt", bad_sink)
+        t0 = time.monotonic()
+        with pytest.raises(sf.StageError) as info:
+            await flow.run()
+        assert isinstance(info.value.cause, connectors.AuthenticationFailed)
+        assert "refused the connection: Not authorized" in str(info.value)
+        assert time.monotonic() - t0 < 30  # at once, not after reconnect_timeout
