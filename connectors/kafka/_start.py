@@ -90,10 +90,11 @@ async def _check_not_refused(what: str, options: Mapping[str, Any]) -> None:
                     host.strip("[]"), int(port), request_timeout_ms=5000, **kwargs
                 )
         except _REFUSALS as exc:
-            why = str(exc) if isinstance(exc, KafkaError) else f"{type(exc).__name__}: {exc}"
-            raise AuthenticationFailed(
-                f"{what}: {server.strip()} refused the connection: {why}"
-            ) from exc
+            if isinstance(exc, ssl.SSLError):
+                why = f"the TLS handshake failed: {type(exc).__name__}: {exc}"
+            else:
+                why = f"the broker refused the login: {exc}"
+            raise AuthenticationFailed(f"{what}: {server.strip()}: {why}") from exc
         except (OSError, KafkaError, TimeoutError, ValueError):
             continue  # not reachable, or not answering yet: the caller retries
         conn.close()

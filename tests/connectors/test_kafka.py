@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -396,6 +397,44 @@ async def test_sasl_plain_against_the_real_broker(kafka: str, name: str) -> None
             info.value
         )
         assert time.monotonic() - t0 < 30  # at once, not after reconnect_timeout
+
+
+async def test_tls_against_the_real_broker(kafka: str, name: str) -> None:
+    """The project's Kafka has a TLS listener with a self-signed certificate: trusting it
+    carries data; the system trust store refuses it at once, saying why."""
+    port = int(os.environ.get("KAFKA_SSL_PORT", "9095"))
+    brokers_dir = Path(os.environ.get("STREAMFLOW_BROKERS_DIR", ROOT / ".brokers"))
+    ca = brokers_dir / "kafka" / "tls" / "ca.pem"
+    if not (answers(port) and ca.exists()):
+        pytest.skip(f"the running Kafka has no TLS listener on {port} (not .ci/kafka.sh's)")
+    tls = f"127.0.0.1:{port}"
+    trusted = Security("SSL", ssl_context=ssl.create_default_context(cafile=str(ca)))
+    await create_topic(kafka, name)
+    out = sf.Flow("produce")
+    out.source("items", [b"secret-1", b"secret-2"]).sink(
+        "kafka", KafkaSink(name, tls, security=trusted)
+    )
+    await out.run()
+    records: list[connectors.Record] = []
+    flow = sf.Flow("consume")
+    flow.source("kafka", KafkaSource(name, name, tls, security=trusted)).sink(
+        "out", sf.collect(records)
+    )
+    async with flow.start() as running:
+        await until(lambda: len(records) == 2)
+        await running.stop()
+    assert sorted(bytes(r.raw) for r in records) == [b"secret-1", b"secret-2"]
+
+    flow = sf.Flow("untrusted")
+    sink = KafkaSink(name, tls, security=Security("SSL"), reconnect_timeout=60)
+    flow.source("items", [b"x"]).sink("kafka", sink)
+    t0 = time.monotonic()
+    with pytest.raises(sf.StageError) as info:
+        await flow.run()
+    assert isinstance(info.value.cause, connectors.AuthenticationFailed)
+    assert "the TLS handshake failed" in str(info.value)
+    assert "certificate verify failed" in str(info.value)
+    assert time.monotonic() - t0 < 30
 
 
 async def test_security_options_pass_through() -> None:
