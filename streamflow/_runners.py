@@ -208,13 +208,17 @@ class FunctionRunner(Runner):
             fn = fn.send
         device = node.device
         self.cuda: CudaPlacement | None = None
+        self.worker_key = device or ""  # the pool's name for this stage's worker thread
         if device is not None and device.startswith("cuda"):
             from ._cuda import CudaPlacement  # needs torch: only for stages on a GPU
 
             self.cuda = CudaPlacement(device)
+            # a thread per GPU stage: it waits for its stage's event, and a thread shared by
+            # two stages would keep their streams from ever working at the same time
+            self.worker_key = f"{device}/{node.name}"
         self.invoke = Invoker(
             fn,
-            worker=rt.pool.get(device) if device not in (None, "cpu") else None,
+            worker=rt.pool.get(self.worker_key) if device not in (None, "cpu") else None,
             pool_limiter=anyio.CapacityLimiter(node.concurrency) if device == "cpu" else None,
             materialize=node.kind == "flat_map",
             wrap=self.cuda.wrap if self.cuda is not None else None,
@@ -262,7 +266,7 @@ class FunctionRunner(Runner):
             if is_async(method):
                 await method()
             elif device not in (None, "cpu"):
-                await self.rt.pool.get(device).run(method)
+                await self.rt.pool.get(self.worker_key).run(method)
             elif device == "cpu":
                 await anyio.to_thread.run_sync(method)
             else:

@@ -41,17 +41,20 @@ async def test_without_the_gpu_the_flow_fails_at_start_naming_stage_and_device()
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 async def test_inputs_move_to_the_gpu_and_run_on_the_stages_own_stream() -> None:
     seen: list[tuple[str, bool, str]] = []
+    threads: dict[str, set[str]] = {"double": set(), "add": set()}
 
     def double(batch: dict[str, object]) -> object:
         x = batch["x"]
         assert isinstance(x, torch.Tensor)
         stream = torch.cuda.current_stream()
         seen.append((str(x.device), stream != torch.cuda.default_stream(), str(stream.device)))
+        threads["double"].add(threading.current_thread().name)
         return {"y": x * 2, "id": batch["id"]}
 
     def add_one(batch: dict[str, object]) -> object:
         y = batch["y"]
         assert isinstance(y, torch.Tensor) and y.is_cuda  # already there: not copied
+        threads["add"].add(threading.current_thread().name)
         return y + 1
 
     inputs = [{"x": torch.full((4, 4), float(i)), "id": i} for i in range(100)]
@@ -65,6 +68,8 @@ async def test_inputs_move_to_the_gpu_and_run_on_the_stages_own_stream() -> None
     )
     await flow.run()
     assert set(seen) == {("cuda:0", True, "cuda:0")}
+    # a thread per GPU stage, so that one waiting for its event never holds up the other
+    assert threads == {"double": {"streamflow-cuda:0/double"}, "add": {"streamflow-cuda:0/add"}}
     assert [float(y[0, 0]) for y in out] == [2.0 * i + 1 for i in range(100)]
 
 
