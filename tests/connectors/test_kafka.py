@@ -352,6 +352,24 @@ async def test_unreachable_broker_fails_the_flow_with_a_clear_error(brokers: Non
         await flow.run()
 
 
+async def _round_trip(kafka: str, secured: str, name: str, security: Security) -> None:
+    """20 messages through a sink and a source that use ``secured`` with ``security``."""
+    await create_topic(kafka, name)
+    sent = [f"m{i}".encode() for i in range(20)]
+    out = sf.Flow("produce")
+    out.source("items", sent).sink("kafka", KafkaSink(name, secured, security=security))
+    await out.run()
+    records: list[connectors.Record] = []
+    flow = sf.Flow("consume")
+    flow.source("kafka", KafkaSource(name, name, secured, security=security)).sink(
+        "out", sf.collect(records)
+    )
+    async with flow.start() as running:
+        await until(lambda: len(records) == len(sent))
+        await running.stop()
+    assert sorted(bytes(r.raw) for r in records) == sorted(sent)
+
+
 async def test_sasl_plain_against_the_real_broker(kafka: str, name: str) -> None:
     """The project's Kafka has a SASL/PLAIN listener (.ci/kafka.sh); good credentials carry
     data both ways, wrong ones fail the flow at once, saying why."""
@@ -362,21 +380,7 @@ async def test_sasl_plain_against_the_real_broker(kafka: str, name: str) -> None
     good = Security(
         "SASL_PLAINTEXT", mechanism="PLAIN", username="streamflow", password="streamflow-secret"
     )
-    await create_topic(kafka, name)
-    out = sf.Flow("produce")
-    out.source("items", [f"m{i}".encode() for i in range(20)]).sink(
-        "kafka", KafkaSink(name, sasl, security=good)
-    )
-    await out.run()
-    records: list[connectors.Record] = []
-    flow = sf.Flow("consume")
-    flow.source("kafka", KafkaSource(name, name, sasl, security=good)).sink(
-        "out", sf.collect(records)
-    )
-    async with flow.start() as running:
-        await until(lambda: len(records) == 20)
-        await running.stop()
-    assert sorted(bytes(r.raw) for r in records) == sorted(f"m{i}".encode() for i in range(20))
+    await _round_trip(kafka, sasl, name, good)
 
     bad = Security(
         "SASL_PLAINTEXT", mechanism="PLAIN", username="streamflow", password="not-the-password"
@@ -409,21 +413,7 @@ async def test_tls_against_the_real_broker(kafka: str, name: str) -> None:
         pytest.skip(f"the running Kafka has no TLS listener on {port} (not .ci/kafka.sh's)")
     tls = f"127.0.0.1:{port}"
     trusted = Security("SSL", ssl_context=ssl.create_default_context(cafile=str(ca)))
-    await create_topic(kafka, name)
-    out = sf.Flow("produce")
-    out.source("items", [b"secret-1", b"secret-2"]).sink(
-        "kafka", KafkaSink(name, tls, security=trusted)
-    )
-    await out.run()
-    records: list[connectors.Record] = []
-    flow = sf.Flow("consume")
-    flow.source("kafka", KafkaSource(name, name, tls, security=trusted)).sink(
-        "out", sf.collect(records)
-    )
-    async with flow.start() as running:
-        await until(lambda: len(records) == 2)
-        await running.stop()
-    assert sorted(bytes(r.raw) for r in records) == [b"secret-1", b"secret-2"]
+    await _round_trip(kafka, tls, name, trusted)
 
     flow = sf.Flow("untrusted")
     sink = KafkaSink(name, tls, security=Security("SSL"), reconnect_timeout=60)
