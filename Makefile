@@ -34,6 +34,7 @@ bench: setup brokers
 	$(BIN)/python benchmarks/hop.py
 	$(BIN)/python benchmarks/pipeline_inference.py
 	$(BIN)/python benchmarks/pipeline_training.py
+	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/kafka_throughput.py
 
 clean: brokers-stop
