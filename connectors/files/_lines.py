@@ -148,25 +148,21 @@ class LinesSource:
         first = await self._first_record(f)
         if start is None:
             start = self._committed
+            event = None
             if start.inode and start.inode != stat.st_ino:
+                event = "connector.file_rotated"  # the position is in an older file
+            elif start.offset > stat.st_size:
+                event = "connector.file_truncated"
+            if event is not None:
                 log.warning(
-                    "connector.file_rotated",
+                    event,
                     source=self.name,
                     offset=start.offset,
                     line=start.line,
-                    action="the position is in an older file: reading the new one from the start",
-                )
-                start = self._committed = first
-            elif start.offset > stat.st_size:
-                log.warning(
-                    "connector.file_truncated",
-                    source=self.name,
-                    offset=start.offset,
                     size=stat.st_size,
                     action="reading from the start",
                 )
-                start = self._committed = first
-            elif start.offset < first.offset:
+            if event is not None or start.offset < first.offset:
                 start = self._committed = first
         elif start.offset < first.offset:
             start = first
@@ -209,9 +205,7 @@ class LinesSource:
                     return message
                 log.info("connector.file_rotated", source=self.name, lines=self._line)
                 f.close()
-                self._buf.clear()
-                self._scan = 0
-                self._skipping = False
+                self._forget_buffer()
                 self._file = f = await self._open(FilePosition())
                 assert f is not None
                 continue
@@ -222,13 +216,17 @@ class LinesSource:
                     offset=self._offset + len(self._buf),
                     action="reading from the start",
                 )
-                self._buf.clear()
-                self._scan = 0
-                self._skipping = False
+                self._forget_buffer()
                 f.seek(0)
                 await self._begin(f, FilePosition())
                 continue
             await anyio.sleep(self.poll_interval)
+
+    def _forget_buffer(self) -> None:
+        """Drop what was read and not yet emitted: reading starts again elsewhere."""
+        self._buf.clear()
+        self._scan = 0
+        self._skipping = False
 
     def _rotated(self, f: BinaryIO) -> bool:
         """Whether ``path`` now names another file than ``f`` (read to its end just now)."""
