@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -21,6 +21,7 @@ from .._io import iterate
 from .._metrics import StageMetrics, _Counters
 from .._stage import Stage
 from ._devices import intra_op_threads, torch_device
+from ._forward import layer_chain
 from ._layers import named_layers
 from ._plan import Objective, Plan, plan
 from ._profile import profile
@@ -230,6 +231,7 @@ class PipelinePart:
         self.torch_device = torch_device(target)
         self.is_cuda = self.torch_device.type == "cuda"
         self.counters = _Counters()
+        self._chain = layer_chain(module)
         self._gpu = CudaPlacement(target) if self.is_cuda else None
         self._graphs: dict[tuple[tuple[int, ...], torch.dtype], Any] = {}
         if cuda_graphs and not self.is_cuda:
@@ -252,8 +254,8 @@ class PipelinePart:
         ``streamflow._cuda.CudaPlacement``).
         """
         if self._gpu is None:
-            return self.module(x if x.device.type == "cpu" else x.cpu())  # type: ignore[no-any-return]
-        return self._gpu.run(self._replay if self.cuda_graphs else self.module, x)  # type: ignore[no-any-return]
+            return self._chain(x if x.device.type == "cpu" else x.cpu())  # type: ignore[no-any-return]
+        return self._gpu.run(self._replay if self.cuda_graphs else self._chain, x)  # type: ignore[no-any-return]
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
         """Run a CUDA graph captured for ``x``'s shape and dtype (captured on first use)."""
@@ -295,7 +297,6 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
         self._wake_pending = False
         self._started = 0  # samples handed to the first part (written by the loop only)
         self._finished = 0  # samples out of the last part (written by part threads only)
-        self.steps: list[Callable[[Any, BaseException | None], None]] = []
 
     def __repr__(self) -> str:
         parts = " | ".join(

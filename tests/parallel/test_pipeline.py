@@ -302,3 +302,34 @@ async def test_the_flow_description_shows_the_parts() -> None:
     flow = sf.Flow("f")
     flow.source("n", [torch.randn(1, 32)]).map("model", pipe).sink("o", sf.collect())
     assert "pipeline [layers 0..4 on cpu:0 | layers 5..11 on cpu:1]" in str(flow.describe())
+
+
+async def test_hooks_registered_on_layers_still_run() -> None:
+    """Parts call a layer's forward directly only while it has no hooks: a hook registered
+    after the pipeline was built, on one layer or on every module, still runs and still
+    changes the output."""
+    model = mlp()
+    frames = [torch.randn(1, 32) for _ in range(8)]
+    pipe = sf.pipeline(model, ["cpu:0", "cpu:1"], frames[0], partition=[6, 6])
+    assert_same(await run_flow(pipe, frames), reference(model, frames))
+
+    def double(module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        return out * 2
+
+    on_layer = model[3][0].register_forward_hook(double)  # a Linear inside the second part
+    try:
+        hooked = reference(model, frames)
+        assert not torch.allclose(hooked[0], reference(mlp(), frames[:1])[0])
+        assert_same(await run_flow(pipe, frames), hooked)
+    finally:
+        on_layer.remove()
+
+    calls: list[str] = []
+    everywhere = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: calls.append(type(module).__name__)
+    )
+    try:
+        assert_same(await run_flow(pipe, frames), reference(model, frames))
+    finally:
+        everywhere.remove()
+    assert calls.count("Linear") >= 6 * len(frames)  # every Linear ran through __call__
