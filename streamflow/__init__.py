@@ -32,6 +32,7 @@ from ._metrics import StageMetrics as StageMetrics
 from ._policy import DeadLetter as DeadLetter
 from ._policy import ErrorPolicy as ErrorPolicy
 from ._policy import FailedItem as FailedItem
+from ._policy import PartialFailure as PartialFailure
 from ._policy import Retry as Retry
 from ._runtime import RunningFlow as RunningFlow
 from ._stage import Stage as Stage
@@ -75,6 +76,7 @@ __all__ = [
     "OnlineTrainer",
     "Outcome",
     "Overflow",
+    "PartialFailure",
     "Pipeline",
     "Retry",
     "RunningFlow",

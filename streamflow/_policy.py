@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["DeadLetter", "ErrorPolicy", "FailedItem", "Retry"]
+__all__ = ["DeadLetter", "ErrorPolicy", "FailedItem", "PartialFailure", "Retry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,43 @@ class Retry:
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+
+
+class PartialFailure(Exception):
+    """Raised by a stage function that takes a list when some of its elements failed.
+
+    ``results``: the outputs for the elements that did not fail, in order (what the function
+    would have returned); ``errors``: the exception of each failed element, by its index in
+    the input list. The stage goes on with ``results`` and applies its error policy to each
+    failed element on its own: ``"skip"`` counts and logs it, a :class:`DeadLetter` receives
+    it as a :class:`FailedItem` of its own, ``"fail"`` fails the flow naming the element.
+    A :class:`Retry` does not retry partial failures (the other elements already ran); its
+    ``then`` applies. When the list came from ``batch``, each failed element's own source
+    item is acknowledged as skipped or dead-lettered at once. Use it in ``map``,
+    ``flat_map`` and ``sink`` stages::
+
+        def decode_all(raws: list[bytes]) -> list[Any]:
+            out, errors = [], {}
+            for i, raw in enumerate(raws):
+                try:
+                    out.append(json.loads(raw))
+                except ValueError as exc:
+                    errors[i] = exc
+            if errors:
+                raise sf.PartialFailure(out, errors)
+            return out
+    """
+
+    def __init__(self, results: Any, errors: Mapping[int, BaseException]) -> None:
+        if not errors:
+            raise ValueError("PartialFailure needs at least one failed element in errors")
+        self.results = results
+        self.errors = dict(errors)
+        first = min(self.errors)
+        super().__init__(
+            f"{len(self.errors)} element(s) failed, first at index {first}: "
+            f"{type(self.errors[first]).__name__}: {self.errors[first]}"
+        )
 
 
 ErrorPolicy = Literal["fail", "skip"] | Retry | DeadLetter

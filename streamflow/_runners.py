@@ -27,7 +27,7 @@ from ._message import (
     _AckGroup,
 )
 from ._metrics import _Counters
-from ._policy import DeadLetter, FailedItem, Retry
+from ._policy import DeadLetter, FailedItem, PartialFailure, Retry
 from ._stage import Stage
 
 if TYPE_CHECKING:
@@ -525,6 +525,8 @@ class FunctionRunner(Runner):
     async def _recover(self, msg: Message[Any], exc: Exception) -> tuple[bool, Any]:
         """Apply the error policy: ``(True, value)`` if a retry worked, ``(False, None)`` if
         the item was skipped or dead-lettered; raise :class:`StageError` to fail the flow."""
+        if isinstance(exc, PartialFailure):
+            return await self._recover_elements(msg, exc)
         c = self.c
         c.errors += 1
         policy = self.node.errors
@@ -569,16 +571,85 @@ class FunctionRunner(Runner):
             return False, None
         raise StageError(self.name, msg.value, exc, flow=self.rt.name, meta=msg.meta) from exc
 
+    async def _recover_elements(self, msg: Message[Any], exc: PartialFailure) -> tuple[bool, Any]:
+        """Apply the error policy to each failed element of a list item, then go on with the
+        results of the others. A member of a ``batch`` is acknowledged on its own."""
+        items, kind = msg.value, self.node.kind
+        misuse: Exception | None = None
+        if kind == "filter" or not isinstance(items, list | tuple):
+            why = (
+                "a filter"
+                if kind == "filter"
+                else f"an item of type {type(items).__name__}, not a list"
+            )
+            misuse = TypeError(f"PartialFailure was raised by {why}: it is for stages on lists")
+        elif bad := [i for i in exc.errors if not (isinstance(i, int) and 0 <= i < len(items))]:
+            misuse = IndexError(f"PartialFailure names {bad!r}, the list has {len(items)} elements")
+        if misuse is not None:
+            raise StageError(self.name, items, misuse, flow=self.rt.name, meta=msg.meta) from exc
+        policy = self.node.errors
+        if isinstance(policy, Retry):
+            policy = policy.then
+        group = msg._ack
+        members = (
+            group.members
+            if isinstance(group, _AckGroup)
+            and group.pending == 1
+            and len(group.members) == len(items)
+            else None
+        )
+        c, outcome = self.c, 0
+        for index in sorted(exc.errors):
+            error, item = exc.errors[index], items[index]
+            meta = members[index].meta if members is not None else msg.meta
+            c.errors += 1
+            if policy == "fail":
+                raise StageError(self.name, item, error, flow=self.rt.name, meta=meta) from error
+            if policy == "skip":
+                c.skipped += 1
+                done, name = SKIPPED, "skip"
+            else:
+                assert isinstance(policy, DeadLetter)
+                failed = FailedItem(self.rt.name, self.name, item, meta, error, 1)
+                sink = policy.sink
+                await (sink(failed) if callable(sink) else sink.send(failed))
+                done, name = DEAD_LETTERED, "dead_letter"
+            self._log_handled(name, item, meta, 1, error, index=index)
+            if members is not None:
+                members[index]._done(done)
+            outcome |= done
+        if members is not None:
+            assert isinstance(group, _AckGroup)
+            group.members = [m for i, m in enumerate(members) if i not in exc.errors]
+        elif group is not None:
+            group.outcome |= outcome  # the source item was partly skipped or dead-lettered
+        if len(exc.errors) == len(items):  # nothing left to go on with
+            msg._done(0)
+            return False, None
+        return True, exc.results
+
     def _handled(self, policy: str, msg: Message[Any], attempts: int, exc: Exception) -> None:
+        self._log_handled(policy, msg.value, msg.meta, attempts, exc)
+
+    def _log_handled(
+        self,
+        policy: str,
+        item: Any,
+        meta: Any,
+        attempts: int,
+        exc: BaseException,
+        **extra: Any,
+    ) -> None:
         log.warning(
             "stage.error",
             flow=self.rt.name,
             stage=self.name,
             policy=policy,
-            item=describe_item(msg.value),
-            meta=msg.meta,
+            item=describe_item(item),
+            meta=meta,
             attempts=attempts,
             error=repr(exc),
+            **extra,
         )
 
 

@@ -195,3 +195,97 @@ async def test_error_in_the_users_block_propagates_unchanged() -> None:
     with pytest.raises(ZeroDivisionError):
         async with flow.start():
             1 / 0  # noqa: B018
+
+
+def _halve_evens(xs: list[int]) -> list[int]:
+    """Odd elements fail; the others are halved (a stage on a batch)."""
+    out, errors = [], {}
+    for i, x in enumerate(xs):
+        if x % 2:
+            errors[i] = ValueError(f"{x} is odd")
+        else:
+            out.append(x // 2)
+    if errors:
+        raise sf.PartialFailure(out, errors)
+    return out
+
+
+async def test_partial_failure_skips_only_the_failed_members_of_a_batch() -> None:
+    out: list[int] = []
+    source = MemorySource([0, 2, 3, 4, 6, 7, 8, 10, 12])
+    flow = sf.Flow("f")
+    flow.source("s", source).batch("b", 3, 1.0).map("halve", _halve_evens, errors="skip").unbatch(
+        "u"
+    ).sink("o", sf.collect(out))
+    with capture_logs() as logs:
+        await flow.run()
+    assert out == [0, 1, 2, 3, 4, 5, 6]
+    m = flow.metrics()["halve"]
+    assert (m.items_in, m.items_out, m.errors, m.skipped) == (3, 3, 2, 2)
+    assert source.acked[2] == source.acked[5] == sf.Outcome.SKIPPED  # the 3 and the 7
+    assert all(source.acked[i] == sf.Outcome.DELIVERED for i in (0, 1, 3, 4, 6, 7, 8))
+    warnings = [e for e in logs if e["event"] == "stage.error"]
+    assert [(w["item"], w["index"], w["meta"]) for w in warnings] == [
+        ("3", 2, {"offset": 2}),
+        ("7", 2, {"offset": 5}),
+    ]
+
+
+async def test_partial_failure_dead_letters_each_failed_element() -> None:
+    dead: list[sf.FailedItem] = []
+    out: list[list[int]] = []
+    source = MemorySource([[1, 2], [4, 5, 7]])  # each item already a list: one ack per list
+    flow = sf.Flow("f")
+    flow.source("s", source).map(
+        "halve", _halve_evens, errors=sf.Retry(2, 0, then=sf.DeadLetter(sf.collect(dead)))
+    ).sink("o", sf.collect(out))
+    await flow.run()
+    assert out == [[1], [2]]
+    assert [(d.stage, d.item, d.meta, str(d.error)) for d in dead] == [
+        ("halve", 1, {"offset": 0}, "1 is odd"),
+        ("halve", 5, {"offset": 1}, "5 is odd"),
+        ("halve", 7, {"offset": 1}, "7 is odd"),
+    ]
+    assert flow.metrics()["halve"].retries == 0  # the good elements already ran
+    both = sf.Outcome.DELIVERED | sf.Outcome.DEAD_LETTERED
+    assert source.acked == {0: both, 1: both}
+
+
+async def test_partial_failure_with_fail_names_the_element() -> None:
+    flow = sf.Flow("f")
+    flow.source("s", [[2, 4, 9]]).map("halve", _halve_evens).sink("o", sf.collect())
+    with pytest.raises(sf.StageError) as info:
+        await flow.run()
+    assert (info.value.stage, info.value.item) == ("halve", "9")
+    assert str(info.value.cause) == "9 is odd"
+
+
+async def test_partial_failure_of_every_element_emits_nothing() -> None:
+    out: list[list[int]] = []
+    source = MemorySource([[1, 3], [2]])
+    flow = sf.Flow("f")
+    flow.source("s", source).map("halve", _halve_evens, errors="skip").sink("o", sf.collect(out))
+    await flow.run()
+    assert out == [[1]]
+    assert source.acked == {0: sf.Outcome.SKIPPED, 1: sf.Outcome.DELIVERED}
+
+
+async def test_partial_failure_misused_fails_clearly() -> None:
+    def bad_index(xs: list[int]) -> list[int]:
+        raise sf.PartialFailure([], {5: ValueError("x")})
+
+    def not_a_list(x: int) -> int:
+        raise sf.PartialFailure([], {0: ValueError("x")})
+
+    for fn, text in (
+        (bad_index, r"names \[5\], the list has 2 elements"),
+        (not_a_list, "an item of type int, not a list"),
+    ):
+        flow = sf.Flow("f")
+        flow.source("s", [[1, 2]] if fn is bad_index else [1]).map("m", fn, errors="skip").sink(
+            "o", sf.collect()
+        )
+        with pytest.raises(sf.StageError, match=text):
+            await flow.run()
+    with pytest.raises(ValueError, match="at least one"):
+        sf.PartialFailure([], {})
