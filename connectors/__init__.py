@@ -6,7 +6,8 @@ Each system is its own module with its library as an optional extra: ``connector
 
 - :class:`Record`: what every source yields (raw bytes and where they came from);
 - :func:`decode`: the ``map`` stage that turns records into values, so malformed input meets
-  that stage's error policy (``errors="skip"`` or ``sf.DeadLetter(sink)``);
+  that stage's error policy (``errors="skip"`` or ``sf.DeadLetter(sink)``), and
+  :func:`decode_batch` for lists of records;
 - codecs (:mod:`connectors.codecs`, :mod:`connectors.tensors`) and the errors.
 
 See docs/CONNECTORS.md for each connector's delivery guarantee.
@@ -21,6 +22,7 @@ from ._errors import FrameError as FrameError
 from ._record import DecodeError as DecodeError
 from ._record import Record as Record
 from ._record import decode as decode
+from ._record import decode_batch as decode_batch
 from .codecs import BYTES as BYTES
 from .codecs import JSON as JSON
 from .codecs import TEXT as TEXT
@@ -48,4 +50,5 @@ __all__ = [
     "TextCodec",
     "dead_letter_entry",
     "decode",
+    "decode_batch",
 ]

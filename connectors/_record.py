@@ -7,9 +7,11 @@ from typing import Any
 
 import structlog
 
+import streamflow as sf
+
 from .codecs import BYTES, Buffer, Codec
 
-__all__ = ["DecodeError", "Record", "decode"]
+__all__ = ["DecodeError", "Record", "decode", "decode_batch"]
 
 log = structlog.get_logger("streamflow")
 
@@ -109,6 +111,49 @@ def decode(record: Record) -> Any:
             exc.__cause__ = cause
     else:
         exc = DecodeError(record, record.error)
+    _log_bad(record, exc)
+    raise exc
+
+
+def decode_batch(records: Sequence[Record]) -> list[Any]:
+    """Decode a list of records (a batched socket source's item, or a ``batch`` of records):
+    the ``map`` function for batches, as :func:`decode` is for single records.
+
+    Each malformed record is logged like in :func:`decode`; the others are decoded and the
+    function raises :class:`streamflow.PartialFailure` with their values and a
+    :class:`DecodeError` per bad record, so the stage's error policy takes each bad record on
+    its own (``errors="skip"`` counts them, ``sf.DeadLetter(sink)`` receives each raw record)
+    and the good ones go on::
+
+        flow.source("in", ServerSource(codec=TENSOR, batched=True)).map(
+            "decode", connectors.decode_batch, errors="skip"
+        )
+    """
+    values: list[Any] = []
+    errors: dict[int, DecodeError] = {}
+    for i, record in enumerate(records):
+        if type(record) is not Record and not isinstance(record, Record):
+            raise TypeError(
+                f"decode_batch() expects connectors.Record values, got {type(record).__name__} "
+                f"at index {i}"
+            )
+        if record.error is None:  # Record.decode, inlined: this runs once per element
+            try:
+                values.append(record.codec.decode(record.raw))
+                continue
+            except Exception as cause:
+                exc = _failure(record, cause)
+                exc.__cause__ = cause
+        else:
+            exc = DecodeError(record, record.error)
+        _log_bad(record, exc)
+        errors[i] = exc
+    if errors:
+        raise sf.PartialFailure(values, errors)
+    return values
+
+
+def _log_bad(record: Record, exc: DecodeError) -> None:
     log.warning(
         "connector.bad_record",
         source=record.source,
@@ -117,7 +162,6 @@ def decode(record: Record) -> Any:
         size=len(record.raw),
         reason=exc.reason,
     )
-    raise exc
 
 
 def _failure(record: Record, cause: Exception) -> DecodeError:

@@ -64,6 +64,14 @@ class Inbox:
             reader.pause()
             self._paused.add(reader)
 
+    def put_many(self, records: list[Record], reader: FrameReader) -> None:
+        if records:
+            self._items.extend(records)
+            self._ready.set()
+            if len(self._items) >= self.capacity:
+                reader.pause()
+                self._paused.add(reader)
+
     def forget(self, reader: FrameReader) -> None:
         self._paused.discard(reader)
 
@@ -84,12 +92,26 @@ class Inbox:
             self._resume_all()
         return record
 
+    def take_all(self) -> list[Record]:
+        """The records waiting, oldest first: all of them, or ``capacity`` if more wait."""
+        items = self._items
+        if len(items) <= self.capacity:
+            taken = list(items)
+            items.clear()
+        else:
+            pop = items.popleft
+            taken = [pop() for _ in range(self.capacity)]
+        if self._paused and len(items) < self.capacity // 2 + 1:
+            self._resume_all()
+        return taken
+
     def _resume_all(self) -> None:
         paused, self._paused = self._paused, set()
         for reader in paused:
             reader.resume()
 
-    async def get(self) -> Record:
+    async def wait(self) -> None:
+        """Until a record waits; ``StopAsyncIteration`` (or the error) once closed and empty."""
         items = self._items
         while not items:
             if self.error is not None:
@@ -98,9 +120,11 @@ class Inbox:
                 raise StopAsyncIteration
             self._ready.clear()
             await self._ready.wait()
-        record = items.popleft()
-        if self._paused and len(items) < self.capacity // 2 + 1:
-            self._resume_all()
+
+    async def get(self) -> Record:
+        await self.wait()
+        record = self.get_nowait()
+        assert record is not None
         return record
 
     def __len__(self) -> int:
@@ -195,11 +219,17 @@ class FrameReader(asyncio.BufferedProtocol):
     # -- framing -------------------------------------------------------------------------
 
     def _parse(self) -> None:
+        """Cut every complete frame out of the receive buffer; hand them over together."""
         ring, view = self._ring, self._view
         start, end, max_frame = self._start, self._end, self.max_frame
+        unpack, source, codec, peer = LENGTH.unpack_from, self.source, self.codec, self.peer
+        records: list[Record] = []
+        n = self.frames
         while end - start >= 4:
-            (length,) = LENGTH.unpack_from(ring, start)
+            (length,) = unpack(ring, start)
             if length > max_frame:
+                self.frames = n
+                self.inbox.put_many(records, self)
                 self._start = self._end = 0
                 self._bad(
                     view[start : min(end, start + 4 + 64)].tobytes(),
@@ -207,10 +237,10 @@ class FrameReader(asyncio.BufferedProtocol):
                 )
                 return
             if end - start - 4 >= length:
+                n += 1
                 frame = bytearray(view[start + 4 : start + 4 + length])
+                records.append(Record(frame, source, {"peer": peer, "frame": n}, codec=codec))
                 start += 4 + length
-                self._start = start
-                self._deliver(frame)
                 continue
             if length >= _BIG:  # receive the rest straight into the frame's own buffer
                 have = end - start - 4
@@ -220,6 +250,9 @@ class FrameReader(asyncio.BufferedProtocol):
                 self._big_filled = have
                 start = end = 0
             break
+        self.frames = n
+        if records:
+            self.inbox.put_many(records, self)
         if start == end:
             start = end = 0
         self._start, self._end = start, end

@@ -203,3 +203,74 @@ async def test_client_sink_gives_up_after_reconnect_timeout() -> None:
     flow.source("n", [b"x"]).sink("tcp", ClientSink(port=port, reconnect_timeout=0.3))
     with pytest.raises(sf.StageError, match=r"socket sink tcp:127.0.0.1:\d+: unreachable for"):
         await flow.run()
+
+
+async def test_a_batched_source_yields_what_arrived_together_in_order() -> None:
+    """One write of 300 small frames: the flow receives lists of them (never more than
+    max_buffered), every frame once and in order, and decode_batch decodes each list."""
+    source = ServerSource(port=0, codec=TENSOR, batched=True, max_buffered=64)
+    lists: list[list[torch.Tensor]] = []
+    flow = sf.Flow("batched")
+    flow.source("tcp", source).map("decode", connectors.decode_batch).sink("out", sf.collect(lists))
+    frames = [torch.full((4,), float(i)) for i in range(300)]
+    async with flow.start() as running:
+        await source.wait_listening()
+        await _raw_client(source.port, b"".join(_frame(TENSOR.encode(t)) for t in frames))
+        await until(lambda: sum(map(len, lists)) == 300)
+        await running.stop()
+    got = [t for batch in lists for t in batch]
+    assert all(torch.equal(a, b) for a, b in zip(got, frames, strict=True))
+    assert max(map(len, lists)) > 1 and max(map(len, lists)) <= 64
+    assert flow.metrics()["decode"].items_in == len(lists) < 300
+    with pytest.raises(TypeError, match="expects connectors.Record values, got bytes at index 1"):
+        connectors.decode_batch([connectors.Record(b"", "x", {}), b"raw"])
+
+
+async def test_a_malformed_frame_in_a_batch_costs_only_itself() -> None:
+    """A lying tensor header and a truncated frame inside batches: decode_batch hands each
+    bad frame to the stage's policy on its own, with its raw bytes; the others go on."""
+    dead: list[sf.FailedItem] = []
+    source = ServerSource(port=0, codec=TENSOR, batched=True)
+    lists: list[list[torch.Tensor]] = []
+    flow = sf.Flow("bad-batch")
+    flow.source("tcp", source).map(
+        "decode", connectors.decode_batch, errors=sf.DeadLetter(sf.collect(dead))
+    ).sink("out", sf.collect(lists))
+    good = _frame(TENSOR.encode(torch.ones(4)))
+    header = json.dumps({"dtype": "float32", "shape": [1000]}).encode()
+    liar = _frame(b"SFT1" + struct.pack("<I", len(header)) + header + b"\0" * 16)
+    with capture_logs() as logs:
+        async with flow.start() as running:
+            await source.wait_listening()
+            await _raw_client(source.port, good * 3 + liar + good * 3)
+            await _raw_client(source.port, good * 2 + struct.pack(">I", 500) + b"y" * 10)
+            await until(lambda: len(dead) == 2 and sum(map(len, lists)) == 8)
+            await running.stop()
+    assert all(torch.equal(t, torch.ones(4)) for batch in lists for t in batch)
+    m = flow.metrics()["decode"]
+    assert m.errors == 2
+    entries = sorted((connectors.dead_letter_entry(d) for d in dead), key=lambda e: e.reason)
+    assert "header says float32[1000]" in entries[0].reason
+    assert entries[0].position["frame"] == 4 and entries[0].raw == liar[4:]
+    assert "truncated frame: header says 500 bytes, got 10" in entries[1].reason
+    assert entries[1].position["frame"] == 3
+    bad = [e for e in logs if e["event"] == "stage.error"]
+    assert len(bad) == 2 and all(isinstance(e["index"], int) for e in bad)  # place in its list
+
+
+async def test_a_batched_client_source_ends_with_the_server() -> None:
+    sink = ServerSink(port=0, codec=connectors.JSON)
+    lists: list[list[Any]] = []
+    async with sink:
+        source = ClientSource(port=sink.port, codec=connectors.JSON, batched=True)
+        flow = sf.Flow("client")
+        flow.source("tcp", source).map("decode", connectors.decode_batch).sink(
+            "out", sf.collect(lists)
+        )
+        task = asyncio.create_task(flow.run())
+        await until(lambda: sink.connections == 1)
+        for i in range(20):
+            await sink.send({"i": i})
+        await until(lambda: sum(map(len, lists)) == 20)
+    await asyncio.wait_for(task, 10)
+    assert [x["i"] for batch in lists for x in batch] == list(range(20))
