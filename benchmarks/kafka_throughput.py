@@ -8,12 +8,15 @@
    Both: consumer group with manual commits after the output is confirmed (at least once),
    producer with acks=all and idempotence, linger_ms=5, at most ``--pending`` records
    fetched and not yet confirmed.
-2. TCP frames of float32 tensors of several sizes (``--elements``). streamflow:
-   ``ServerSource`` -> ``map(connectors.decode)`` -> sink. Baseline: ``asyncio.start_server``
-   reading frames with ``readexactly`` and decoding them with the same tensor codec. Both
-   read what the same sender writes. Small frames measure the per-item cost of a flow (about
-   10 us per item for source -> map -> sink on a 2-core VM); large ones the data path, where
-   the source receives into the tensor's own buffer and the baseline copies.
+2. TCP frames of float32 tensors of several sizes (``--elements``). streamflow, two ways:
+   ``ServerSource`` -> ``map(connectors.decode)`` -> sink, a frame per item; and
+   ``ServerSource(batched=True)`` -> ``map(connectors.decode_batch)`` -> sink, the frames
+   that arrived together as one item. Baseline: ``asyncio.start_server`` reading frames with
+   ``readexactly`` and decoding them with the same tensor codec. All read what the same
+   sender writes. Small frames measure the per-item cost of a flow (a few microseconds for
+   source -> map -> sink on a 2-core VM), which the batched source pays once per list; large
+   ones the data path, where the source receives into the tensor's own buffer and the
+   baseline copies.
 
 Rates are messages per second from the first message handled to the last one confirmed
 (Kafka) or decoded (TCP), the median of ``--repeats`` interleaved runs; the ratio is
@@ -183,23 +186,26 @@ async def tcp_baseline(data: bytes, n: int) -> float:
     return n / (t1 - t0)
 
 
-async def tcp_streamflow(data: bytes, n: int) -> float:
+async def tcp_streamflow(data: bytes, n: int, *, batched: bool = False) -> float:
+    """``batched=False``: a frame per item; ``True``: lists of the frames that arrived
+    together, decoded with ``connectors.decode_batch``."""
     count = 0
     finished = asyncio.Event()
     first: list[float] = []
+    decode_one = connectors.decode_batch if batched else connectors.decode
 
-    def decode(record: connectors.Record) -> Any:
+    def decode(record: Any) -> Any:
         if not first:
             first.append(time.perf_counter())
-        return connectors.decode(record)
+        return decode_one(record)
 
-    async def done(_: Any) -> None:
+    async def done(value: Any) -> None:
         nonlocal count
-        count += 1
+        count += len(value) if batched else 1
         if count == n:
             finished.set()
 
-    source = ServerSource(port=0, codec=TENSOR)
+    source = ServerSource(port=0, codec=TENSOR, batched=batched)
     flow = sf.Flow("tcp-bench")
     flow.source("tcp", source).map("decode", decode).sink("count", done)
     async with flow.start() as running:
@@ -260,14 +266,15 @@ async def main() -> None:
     for elements in args.elements:
         n = max(1000, min(args.frames, (256 << 20) // (4 * elements)))  # <= 256 MiB a run
         data = encoded_frames(n, (elements,))
-        base_rates, our_rates = [], []
+        base_rates, our_rates, batched_rates = [], [], []
         for _ in range(args.repeats):
             base_rates.append(await tcp_baseline(data, n))
             our_rates.append(await tcp_streamflow(data, n))
+            batched_rates.append(await tcp_streamflow(data, n, batched=True))
         label = f"TCP tensor frames, {4 * elements // 1024} KiB"
-        rows.append(
-            (label, median(our_rates), median(base_rates), median(our_rates) / median(base_rates))
-        )
+        base = median(base_rates)
+        for name, rates in ((label, our_rates), (f"{label}, batched source", batched_rates)):
+            rows.append((name, median(rates), base, median(rates) / base))
     print(
         f"Kafka: {args.messages:,} messages x {args.repeats} runs, {args.partitions} partitions, "
         f"{args.pending} pending; TCP: up to {args.frames:,} frames x {args.repeats} runs; "
