@@ -5,14 +5,15 @@ does). Each request puts its input into the flow with a future in the message's 
 and awaits that future. Concurrent requests are batched (up to 32, or whatever arrived
 within 2 ms), run through the model in one call on a CPU worker thread, and split again;
 the sink answers each request. The message's ack tells a request whose item never reached
-the sink that it failed, so no request hangs. Note that a model call fails for its whole
-batch: an input of the wrong shape is skipped together with the requests batched with it,
-so check inputs in the handler (here: a missing field is a 400 before the flow sees it).
+the sink that it failed, so no request hangs. An input of the wrong shape fails alone: the
+model stage runs the batch without it and raises ``sf.PartialFailure`` naming it, so its
+request gets an error and the requests batched with it get their answers.
 
 The HTTP part is a few lines of asyncio streams, so the example needs nothing beyond
 streamflow; with FastAPI, ``predict`` is the body of a route and the flow starts in the
 lifespan. Run: .venv/bin/python examples/model_server.py (it serves on 127.0.0.1, sends
-itself 200 concurrent requests and one bad one, checks every answer and prints metrics).
+itself 200 concurrent requests, then 20 more with a bad one among them, checks every
+answer and prints metrics).
 """
 
 from __future__ import annotations
@@ -44,9 +45,19 @@ class Server:
         )
 
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One model call for the whole batch (on the worker thread, off the event loop)."""
+        """One model call for the batch (on the worker thread, off the event loop). Inputs of
+        the wrong shape are left out and reported one by one."""
+        errors: dict[int, Exception] = {
+            i: ValueError(f"expected {FEATURES} features, got shape {list(x.shape)}")
+            for i, x in enumerate(inputs)
+            if x.shape != (FEATURES,)
+        }
+        good = [x for i, x in enumerate(inputs) if i not in errors]
         with torch.inference_mode():
-            return list(self.model(torch.stack(inputs)).unbind(0))
+            outputs = list(self.model(torch.stack(good)).unbind(0)) if good else []
+        if errors:
+            raise sf.PartialFailure(outputs, errors)
+        return outputs
 
     async def reply(self, msg: sf.Message[torch.Tensor]) -> None:
         assert msg.meta is not None
@@ -128,9 +139,13 @@ async def main() -> None:
             for x, (status, body) in zip(inputs, answers, strict=True):
                 assert status == 200, body
                 assert torch.allclose(torch.tensor(body["scores"]), model(x), atol=1e-5)
-        # wrong number of features: the model stage skips that batch; its requests get a 500
-        status, body = await post(port, {"features": [1.0, 2.0]})
-        assert status == 500 and "skipped" in body["error"], (status, body)
+        # a wrong number of features among good requests: it alone gets a 500
+        bodies = [{"features": x.tolist()} for x in inputs[:20]]
+        bodies.insert(7, {"features": [1.0, 2.0]})
+        answers = await asyncio.gather(*(post(port, body) for body in bodies))
+        statuses = [status for status, _ in answers]
+        assert statuses == [200] * 7 + [500] + [200] * 13, statuses
+        assert "skipped" in answers[7][1]["error"], answers[7]
         status, body = await post(port, {"feature": []})  # no "features": rejected at once
         assert status == 400, (status, body)
         http.close()
@@ -139,7 +154,7 @@ async def main() -> None:
         await running.stop()
     batch = metrics["batch"]
     print(
-        f"200 requests answered; {batch.items_in} inputs in {batch.items_out} model calls "
+        f"{batch.items_in} inputs in {batch.items_out} model calls "
         f"(mean batch {batch.items_in / max(batch.items_out, 1):.1f}); "
         f"request latency p50 {1e3 * (metrics['reply'].end_to_end_p50_s or 0):.2f} ms"
     )
