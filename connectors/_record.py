@@ -107,12 +107,8 @@ def decode(record: Record) -> Any:
         try:
             return record.codec.decode(record.raw)
         except Exception as cause:
-            exc = _failure(record, cause)
-            exc.__cause__ = cause
-    else:
-        exc = DecodeError(record, record.error)
-    _log_bad(record, exc)
-    raise exc
+            raise _logged(record, cause) from cause
+    raise _logged(record, None)
 
 
 def decode_batch(records: Sequence[Record]) -> list[Any]:
@@ -140,20 +136,20 @@ def decode_batch(records: Sequence[Record]) -> list[Any]:
         if record.error is None:  # Record.decode, inlined: this runs once per element
             try:
                 values.append(record.codec.decode(record.raw))
-                continue
             except Exception as cause:
-                exc = _failure(record, cause)
-                exc.__cause__ = cause
+                errors[i] = _logged(record, cause)
+                errors[i].__cause__ = cause
         else:
-            exc = DecodeError(record, record.error)
-        _log_bad(record, exc)
-        errors[i] = exc
+            errors[i] = _logged(record, None)
     if errors:
         raise sf.PartialFailure(values, errors)
     return values
 
 
-def _log_bad(record: Record, exc: DecodeError) -> None:
+def _logged(record: Record, cause: Exception | None) -> DecodeError:
+    """The error for a malformed record (``cause``: what its codec raised, or ``None`` when
+    the source flagged it), logged as ``connector.bad_record``."""
+    exc = DecodeError(record, record.error or "") if cause is None else _failure(record, cause)
     log.warning(
         "connector.bad_record",
         source=record.source,
@@ -162,6 +158,7 @@ def _log_bad(record: Record, exc: DecodeError) -> None:
         size=len(record.raw),
         reason=exc.reason,
     )
+    return exc
 
 
 def _failure(record: Record, cause: Exception) -> DecodeError:
