@@ -300,7 +300,12 @@ async def test_commit_never_skips_a_slow_message(kafka: str, name: str) -> None:
     assert source.stats.committed[(name, 0)] == 30
 
 
-async def test_malformed_values_go_to_a_dead_letter_topic(kafka: str, name: str) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["per-record", "batched"])
+async def test_malformed_values_go_to_a_dead_letter_topic(
+    kafka: str, name: str, batched: bool
+) -> None:
+    """Per record, or in batches through decode_batch: only the bad records fail, each is
+    dead-lettered with its own position and acked, so the commit moves past them."""
     await create_topic(kafka, name)
     values = [json.dumps({"n": i}).encode() for i in range(20)]
     values[4] = b'{"n": 4'  # broken JSON
@@ -310,9 +315,17 @@ async def test_malformed_values_go_to_a_dead_letter_topic(kafka: str, name: str)
     out: list[Any] = []
     source = KafkaSource(name, name, kafka, codec=connectors.JSON)
     flow = sf.Flow("bad")
-    flow.source("kafka", source).map(
-        "decode", connectors.decode, errors=sf.DeadLetter(DeadLetterTopic(dlq, kafka))
-    ).sink("out", sf.collect(out))
+    dead_letter = sf.DeadLetter(DeadLetterTopic(dlq, kafka))
+    stream = flow.source("kafka", source)
+    if batched:
+        stream = (
+            stream.batch("batch", 8, 0.05)
+            .map("decode", connectors.decode_batch, errors=dead_letter)
+            .unbatch("split")
+        )
+    else:
+        stream = stream.map("decode", connectors.decode, errors=dead_letter)
+    stream.sink("out", sf.collect(out))
     with capture_logs() as logs:
         async with flow.start() as running:
             await until(lambda: len(out) == 18)
@@ -331,7 +344,9 @@ async def test_malformed_values_go_to_a_dead_letter_topic(kafka: str, name: str)
     assert b"JSONDecodeError" in headers["dlq.reason"]
     assert json.loads(headers["dlq.position"]) == {"topic": name, "partition": 0, "offset": 4}
     assert headers["dlq.stage"] == b"decode" and headers["dlq.flow"] == b"bad"
-    assert flow.metrics()["decode"].errors == 2
+    decode = flow.metrics()["decode"]
+    assert decode.errors == 2
+    assert decode.items_in < 20 if batched else decode.items_in == 20
 
 
 async def test_unreachable_broker_fails_the_flow_with_a_clear_error(brokers: None) -> None:
