@@ -32,6 +32,10 @@ class ClientSink:
     connection broke may be lost. On a broken connection the sink reconnects with backoff and
     writes the frame again; after ``reconnect_timeout`` seconds it fails the flow with
     :class:`~connectors.BrokerUnavailable`.
+
+    ``batched=True``: ``send`` takes a list (put a ``batch`` stage before the sink), writes
+    one frame per element and waits for the write buffer once for the whole list; after a
+    broken connection the whole list is written again.
     """
 
     def __init__(
@@ -42,9 +46,11 @@ class ClientSink:
         path: str | os.PathLike[str] | None = None,
         codec: Codec[Any] = BYTES,
         reconnect_timeout: float | None = 30.0,
+        batched: bool = False,
     ) -> None:
         self._address = Address.of(host, port, path)
         self.codec = codec
+        self.batched = batched
         self.reconnect_timeout = reconnect_timeout
         self.name = self._address.label()
         self.sent = 0
@@ -91,33 +97,45 @@ class ClientSink:
             return writer
 
     async def send(self, item: Any) -> None:
-        """Write ``item`` as one frame.
+        """Write ``item`` as one frame (a list as one frame per element, if ``batched``).
 
         :raises BrokerUnavailable: no connection for ``reconnect_timeout`` seconds.
         """
-        parts = encode_frame(item, self.codec)
+        frames = _frames(self, item)
         while True:
             writer = self._writer or await self._connect()
             try:
-                _write(writer, parts)
+                _write(writer, frames)
                 await writer.drain()
             except OSError as exc:
                 log.warning("connector.disconnected", sink=self.name, error=repr(exc))
                 await self._close()
                 continue
-            self.sent += 1
+            self.sent += len(frames)
             return
 
 
-def _write(writer: asyncio.StreamWriter, parts: list[Buffer]) -> None:
+def _frames(sink: ClientSink | ServerSink, item: Any) -> list[list[Buffer]]:
+    """The frames ``sink.send(item)`` writes: one, or one per element of a batched list."""
+    if not sink.batched:
+        return [encode_frame(item, sink.codec)]
+    if not isinstance(item, list | tuple):
+        raise TypeError(
+            f"{sink!r} is batched and takes lists, got {type(item).__name__}: put a batch "
+            "stage before it, or make it with batched=False"
+        )
+    return [encode_frame(x, sink.codec) for x in item]
+
+
+def _write(writer: asyncio.StreamWriter, frames: list[list[Buffer]]) -> None:
     if writer.is_closing():
         raise ConnectionResetError("the connection is closed")
-    small = len(parts) == 2 and len(parts[1]) < 4096
-    if small:  # one write, one syscall
-        writer.write(bytes(parts[0]) + bytes(parts[1]))
-        return
-    for part in parts:
-        writer.write(part)
+    for parts in frames:
+        if len(parts) == 2 and len(parts[1]) < 4096:  # a small frame: one write
+            writer.write(bytes(parts[0]) + bytes(parts[1]))
+        else:
+            for part in parts:
+                writer.write(part)
 
 
 class ServerSink(Listening):
@@ -127,7 +145,8 @@ class ServerSink(Listening):
     ``send`` waits until at least one client is connected, then returns once every client's
     write buffer is below its high-water mark, so the slowest client pushes back on the flow.
     A client whose connection breaks is dropped (logged); at most ``max_connections`` clients.
-    No acknowledgements on the wire (see :class:`ClientSink`).
+    No acknowledgements on the wire (see :class:`ClientSink`). ``batched=True``: ``send``
+    takes a list and writes one frame per element, as for :class:`ClientSink`.
     """
 
     def __init__(
@@ -138,9 +157,11 @@ class ServerSink(Listening):
         path: str | os.PathLike[str] | None = None,
         codec: Codec[Any] = BYTES,
         max_connections: int = 64,
+        batched: bool = False,
     ) -> None:
         self._address = Address.of(host, port, path)
         self.codec = codec
+        self.batched = batched
         self.max_connections = max_connections
         self.name = self._address.label()
         self.sent = 0
@@ -201,14 +222,15 @@ class ServerSink(Listening):
         log.info("connector.connected", sink=self.name, peer=str(peer))
 
     async def send(self, item: Any) -> None:
-        """Write ``item`` to every connected client (waiting for the first one to join)."""
-        parts = encode_frame(item, self.codec)
+        """Write ``item`` to every connected client (waiting for the first one to join); a
+        list as one frame per element if ``batched``."""
+        frames = _frames(self, item)
         while not self._writers:
             self._joined.clear()
             await self._joined.wait()
         for writer in list(self._writers):
             try:
-                _write(writer, parts)
+                _write(writer, frames)
                 await writer.drain()
             except OSError as exc:
                 log.warning(
@@ -219,4 +241,4 @@ class ServerSink(Listening):
                 )
                 self._writers.discard(writer)
                 writer.close()
-        self.sent += 1
+        self.sent += len(frames)

@@ -274,3 +274,43 @@ async def test_a_batched_client_source_ends_with_the_server() -> None:
         await until(lambda: sum(map(len, lists)) == 20)
     await asyncio.wait_for(task, 10)
     assert [x["i"] for batch in lists for x in batch] == list(range(20))
+
+
+async def test_batched_sinks_write_a_frame_per_element() -> None:
+    """batch -> ClientSink(batched=True) -> ServerSource: every element its own frame, in
+    order; a batched sink given a single item fails naming the stage."""
+    source = ServerSource(port=0, codec=TENSOR)
+    records: list[connectors.Record] = []
+    receiver = sf.Flow("recv")
+    receiver.source("tcp", source).sink("out", sf.collect(records))
+    frames = [torch.full((3,), float(i)) for i in range(50)]
+    async with receiver.start() as running:
+        await source.wait_listening()
+        sink = ClientSink(port=source.port, codec=TENSOR, batched=True)
+        sender = sf.Flow("send")
+        sender.source("n", frames).batch("batch", 16, 0.01).sink("tcp", sink)
+        await sender.run()
+        assert sink.sent == 50 and sender.metrics()["tcp"].items_in < 50
+        await until(lambda: len(records) == 50)
+        await running.stop()
+    got = [connectors.decode(r) for r in records]
+    assert all(torch.equal(a, b) for a, b in zip(got, frames, strict=True))
+
+    broadcast = ServerSink(port=0, codec=connectors.JSON, batched=True)
+    received: list[Any] = []
+    async with broadcast:
+        client = sf.Flow("client")
+        client.source("tcp", ClientSource(port=broadcast.port, codec=connectors.JSON)).map(
+            "decode", connectors.decode
+        ).sink("out", sf.collect(received))
+        task = asyncio.create_task(client.run())
+        await broadcast.send([{"i": 0}, {"i": 1}, {"i": 2}])
+        await until(lambda: len(received) == 3)
+        assert broadcast.sent == 3
+    await asyncio.wait_for(task, 10)
+    assert received == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+    wrong = sf.Flow("wrong")
+    wrong.source("n", [1]).sink("tcp", ServerSink(port=0, batched=True))
+    with pytest.raises(sf.StageError, match="is batched and takes lists, got int"):
+        await wrong.run()
