@@ -92,15 +92,15 @@ class Inbox:
             self._resume_all()
         return record
 
-    def take_all(self) -> list[Record]:
-        """The records waiting, oldest first: all of them, or ``capacity`` if more wait."""
+    def take(self, limit: int) -> list[Record]:
+        """The records waiting, oldest first: all of them, or the first ``limit``."""
         items = self._items
-        if len(items) <= self.capacity:
+        if len(items) <= limit:
             taken = list(items)
             items.clear()
         else:
             pop = items.popleft
-            taken = [pop() for _ in range(self.capacity)]
+            taken = [pop() for _ in range(limit)]
         if self._paused and len(items) < self.capacity // 2 + 1:
             self._resume_all()
         return taken

@@ -207,8 +207,8 @@ async def test_client_sink_gives_up_after_reconnect_timeout() -> None:
 
 async def test_a_batched_source_yields_what_arrived_together_in_order() -> None:
     """One write of 300 small frames: the flow receives lists of them (never more than
-    max_buffered), every frame once and in order, and decode_batch decodes each list."""
-    source = ServerSource(port=0, codec=TENSOR, batched=True, max_buffered=64)
+    max_batch), every frame once and in order, and decode_batch decodes each list."""
+    source = ServerSource(port=0, codec=TENSOR, batched=True, max_batch=50)
     lists: list[list[torch.Tensor]] = []
     flow = sf.Flow("batched")
     flow.source("tcp", source).map("decode", connectors.decode_batch).sink("out", sf.collect(lists))
@@ -220,10 +220,12 @@ async def test_a_batched_source_yields_what_arrived_together_in_order() -> None:
         await running.stop()
     got = [t for batch in lists for t in batch]
     assert all(torch.equal(a, b) for a, b in zip(got, frames, strict=True))
-    assert max(map(len, lists)) > 1 and max(map(len, lists)) <= 64
+    assert max(map(len, lists)) > 1 and max(map(len, lists)) <= 50
     assert flow.metrics()["decode"].items_in == len(lists) < 300
     with pytest.raises(TypeError, match="expects connectors.Record values, got bytes at index 1"):
         connectors.decode_batch([connectors.Record(b"", "x", {}), b"raw"])
+    with pytest.raises(ValueError, match="max_batch must be an int >= 1, got 0"):
+        ClientSource(port=1, batched=True, max_batch=0)
 
 
 async def test_a_malformed_frame_in_a_batch_costs_only_itself() -> None:
