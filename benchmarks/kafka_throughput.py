@@ -18,20 +18,29 @@
    ones the data path, where the source receives into the tensor's own buffer and the
    baseline copies.
 
+Every contender runs twice per round (``--gc both``): with the garbage collector as Python
+starts it, and with ``gc.freeze()`` after setup, what a long-running service does once its
+models are loaded (see docs/ARCHITECTURE.md, Garbage collection): after ``import torch``
+each full collection traverses several hundred thousand objects, and a consumer that keeps
+thousands of records alive triggers many of them.
+
 Rates are messages per second from the first message handled to the last one confirmed
 (Kafka) or decoded (TCP), the median of ``--repeats`` interleaved runs; the ratio is
-streamflow / baseline (target >= 0.8). Needs the brokers: ``.ci/brokers.sh start``.
+streamflow / baseline under the same collector settings (target >= 0.8). Needs the brokers: ``.ci/brokers.sh start``.
 For figures, start Kafka with full JIT: KAFKA_JVM_OPTS="" .ci/kafka.sh start.
-Run: .venv/bin/python benchmarks/kafka_throughput.py [--messages N] [--frames N]
+Run: .venv/bin/python benchmarks/kafka_throughput.py [--messages N] [--frames N] [--gc MODE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import struct
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -241,46 +250,103 @@ async def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-kafka", action="store_true")
+    parser.add_argument(
+        "--gc",
+        choices=["default", "frozen", "both"],
+        default="both",
+        help="the garbage collector as Python starts it, frozen after setup, or both",
+    )
     args = parser.parse_args()
     sf.configure_logging(level="warning")
 
-    rows: list[tuple[str, float, float, float]] = []
+    modes = {"default": [False], "frozen": [True], "both": [False, True]}[args.gc]
+    rows: list[tuple[str, str, float, float, float]] = []
     if not args.skip_kafka:
-        topic = await prepare_topic(args.bootstrap, args.messages, args.size, args.partitions)
-        rates: dict[str, list[float]] = {"base": [], "item": [], "batch": []}
-        for _ in range(args.repeats):  # interleaved, so drift hits every contender alike
-            bootstrap, n, pending = args.bootstrap, args.messages, args.pending
-            rates["base"].append(await kafka_baseline(bootstrap, topic, n, pending))
-            rates["item"].append(
-                await kafka_streamflow(bootstrap, topic, n, pending, args.concurrency)
-            )
-            rates["batch"].append(
-                await kafka_streamflow(bootstrap, topic, n, pending, 4, batch=args.batch)
-            )
-        base = median(rates["base"])
+        rows += await kafka_rows(args, modes)
+    rows += await tcp_rows(args, modes)
+    print(
+        f"Kafka: {args.messages:,} messages x {args.repeats} runs, {args.partitions} partitions, "
+        f"{args.pending} pending; TCP: up to {args.frames:,} frames x {args.repeats} runs; "
+        "gc: the collector as Python starts it, or frozen after setup (gc.freeze(), see "
+        "docs/ARCHITECTURE.md); ratio = streamflow / hand-written loop (target >= 0.8)"
+    )
+    print(table(["path", "gc", "streamflow msg/s", "baseline msg/s", "ratio"], rows))
+
+
+@contextlib.contextmanager
+def collector(frozen: bool) -> Iterator[None]:
+    """``frozen``: move every object alive now out of the collector's reach (``gc.freeze()``,
+    what a service does once its models are loaded) for the duration."""
+    if frozen:
+        gc.collect()
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if frozen:
+            gc.unfreeze()
+
+
+async def kafka_rows(
+    args: argparse.Namespace, modes: list[bool]
+) -> list[tuple[str, str, float, float, float]]:
+    topic = await prepare_topic(args.bootstrap, args.messages, args.size, args.partitions)
+    bootstrap, n, pending = args.bootstrap, args.messages, args.pending
+    rates: dict[tuple[bool, str], list[float]] = {}
+    for _ in range(args.repeats):  # interleaved, so drift hits every contender alike
+        for frozen in modes:
+            with collector(frozen):
+                for key, run in (
+                    ("base", lambda: kafka_baseline(bootstrap, topic, n, pending)),
+                    (
+                        "item",
+                        lambda: kafka_streamflow(bootstrap, topic, n, pending, args.concurrency),
+                    ),
+                    (
+                        "batch",
+                        lambda: kafka_streamflow(bootstrap, topic, n, pending, 4, batch=args.batch),
+                    ),
+                ):
+                    rates.setdefault((frozen, key), []).append(await run())
+    rows = []
+    for frozen in modes:
+        base = median(rates[frozen, "base"])
         for key, label in (
             ("batch", f"Kafka {args.size} B: batch({args.batch}) + batched sink"),
             ("item", f"Kafka {args.size} B: per-item sink, concurrency {args.concurrency}"),
         ):
-            rows.append((label, median(rates[key]), base, median(rates[key]) / base))
+            ours = median(rates[frozen, key])
+            rows.append((label, _mode(frozen), ours, base, ours / base))
+    return rows
+
+
+async def tcp_rows(
+    args: argparse.Namespace, modes: list[bool]
+) -> list[tuple[str, str, float, float, float]]:
+    rows = []
     for elements in args.elements:
         n = max(1000, min(args.frames, (256 << 20) // (4 * elements)))  # <= 256 MiB a run
         data = encoded_frames(n, (elements,))
-        base_rates, our_rates, batched_rates = [], [], []
+        rates: dict[tuple[bool, str], list[float]] = {}
         for _ in range(args.repeats):
-            base_rates.append(await tcp_baseline(data, n))
-            our_rates.append(await tcp_streamflow(data, n))
-            batched_rates.append(await tcp_streamflow(data, n, batched=True))
+            for frozen in modes:
+                with collector(frozen):
+                    rates.setdefault((frozen, "base"), []).append(await tcp_baseline(data, n))
+                    rates.setdefault((frozen, "item"), []).append(await tcp_streamflow(data, n))
+                    rates.setdefault((frozen, "batched"), []).append(
+                        await tcp_streamflow(data, n, batched=True)
+                    )
         label = f"TCP tensor frames, {4 * elements // 1024} KiB"
-        base = median(base_rates)
-        for name, rates in ((label, our_rates), (f"{label}, batched source", batched_rates)):
-            rows.append((name, median(rates), base, median(rates) / base))
-    print(
-        f"Kafka: {args.messages:,} messages x {args.repeats} runs, {args.partitions} partitions, "
-        f"{args.pending} pending; TCP: up to {args.frames:,} frames x {args.repeats} runs; "
-        "ratio = streamflow / hand-written loop (target >= 0.8)"
-    )
-    print(table(["path", "streamflow msg/s", "baseline msg/s", "ratio"], rows))
+        for frozen in modes:
+            base = median(rates[frozen, "base"])
+            for key, name in (("item", label), ("batched", f"{label}, batched source")):
+                ours = median(rates[frozen, key])
+                rows.append((name, _mode(frozen), ours, base, ours / base))
+    return rows
+
+
+def _mode(frozen: bool) -> str:
+    return "frozen" if frozen else "default"
 
 
 if __name__ == "__main__":
