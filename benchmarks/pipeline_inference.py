@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import functools
 import queue
+import random
 import statistics
 import threading
 import time
@@ -170,9 +171,14 @@ def _rounds(contenders: dict[str, Callable[[], Result]], repeats: int) -> dict[s
 
 
 def _paired(ours: list[Result], theirs: list[Result]) -> str:
-    """Our throughput over theirs in each round (they ran back to back), and the median."""
+    """Our throughput over theirs in each round (they ran back to back): the median, a 95%
+    bootstrap interval of that median, and every round's ratio."""
     ratios = [a.throughput / b.throughput for a, b in zip(ours, theirs, strict=True)]
-    return f"{statistics.median(ratios):.2f} ({' '.join(f'{r:.2f}' for r in ratios)})"
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios))) for _ in range(2000))
+    low, high = medians[50], medians[1949]
+    rounds = " ".join(f"{r:.2f}" for r in ratios)
+    return f"{statistics.median(ratios):.3f} [{low:.3f}-{high:.3f}] ({rounds})"
 
 
 def _median(results: list[Result]) -> Result:
@@ -231,7 +237,8 @@ def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int, repea
     print(
         f"streamflow / queue.Queue: {sfr.throughput / qp.throughput:.2f}x; "
         f"predicted / measured: {pipe.plan.predicted_throughput / sfr.throughput:.2f}; "
-        f"median of the per-round ratios (each round's contenders ran back to back): "
+        f"median of the per-round ratios [95% interval of that median] (each round's "
+        f"contenders ran back to back): "
         f"(d)/(b) {_paired(rounds['sf'], rounds['queue'])}, "
         f"(d)/(c) {_paired(rounds['sf'], rounds['bound'])}"
     )
