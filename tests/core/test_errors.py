@@ -289,3 +289,41 @@ async def test_partial_failure_misused_fails_clearly() -> None:
             await flow.run()
     with pytest.raises(ValueError, match="at least one"):
         sf.PartialFailure([], {})
+
+
+async def test_partial_failure_in_a_sink_and_in_concurrent_stages() -> None:
+    """A batched sink, a flat_map and a map with concurrency > 1 (on a worker thread) take
+    partial failures the same way: the failed elements meet the policy, the rest go on."""
+    written: list[int] = []
+
+    async def write_evens(xs: list[int]) -> None:
+        errors = {i: ValueError(f"{x} is odd") for i, x in enumerate(xs) if x % 2}
+        written.extend(x for x in xs if not x % 2)
+        if errors:
+            raise sf.PartialFailure(None, errors)
+
+    source = MemorySource(range(10))
+    flow = sf.Flow("sink")
+    flow.source("s", source).batch("b", 5, 1.0).sink("write", write_evens, errors="skip")
+    await flow.run()
+    assert written == [0, 2, 4, 6, 8]
+    assert flow.metrics()["write"].skipped == 5
+    assert all(source.acked[i] == sf.Outcome.SKIPPED for i in (1, 3, 5, 7, 9))
+    assert all(source.acked[i] == sf.Outcome.DELIVERED for i in (0, 2, 4, 6, 8))
+
+    out: list[int] = []
+    flow = sf.Flow("flat")
+    flow.source("s", [[2, 3], [4, 6, 7]]).flat_map("halve", _halve_evens, errors="skip").sink(
+        "o", sf.collect(out)
+    )
+    await flow.run()
+    assert out == [1, 2, 3]
+
+    lists: list[list[int]] = []
+    flow = sf.Flow("concurrent")
+    flow.source("s", [[2, 3], [4, 5], [6, 8]]).map(
+        "halve", _halve_evens, errors="skip", device="cpu:0", concurrency=2
+    ).sink("o", sf.collect(lists))
+    await flow.run()
+    assert lists == [[1], [2], [3, 4]]
+    assert flow.metrics()["halve"].skipped == 2
