@@ -239,7 +239,7 @@ async def main() -> None:
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--pending", type=int, default=1000, help="records in flight")
     parser.add_argument("--concurrency", type=int, default=256, help="per-item sink sends")
-    parser.add_argument("--batch", type=int, default=500, help="batch size, batched sink")
+    parser.add_argument("--batch", type=int, default=128, help="batch size, batched sink")
     parser.add_argument("--frames", type=int, default=200_000, help="TCP frames per run (max)")
     parser.add_argument(
         "--elements",
@@ -250,6 +250,7 @@ async def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-kafka", action="store_true")
+    parser.add_argument("--skip-tcp", action="store_true")
     parser.add_argument(
         "--gc",
         choices=["default", "frozen", "both"],
@@ -263,7 +264,8 @@ async def main() -> None:
     rows: list[tuple[str, str, float, float, float]] = []
     if not args.skip_kafka:
         rows += await kafka_rows(args, modes)
-    rows += await tcp_rows(args, modes)
+    if not args.skip_tcp:
+        rows += await tcp_rows(args, modes)
     print(
         f"Kafka: {args.messages:,} messages x {args.repeats} runs, {args.partitions} partitions, "
         f"{args.pending} pending; TCP: up to {args.frames:,} frames x {args.repeats} runs; "
