@@ -26,7 +26,8 @@ thousands of records alive triggers many of them.
 
 Rates are messages per second from the first message handled to the last one confirmed
 (Kafka) or decoded (TCP), the median of ``--repeats`` interleaved runs; the ratio is
-streamflow / baseline under the same collector settings (target >= 0.8). Needs the brokers: ``.ci/brokers.sh start``.
+streamflow / baseline under the same collector settings (target >= 0.8). Needs the brokers:
+``.ci/brokers.sh start``.
 For figures, start Kafka with full JIT: KAFKA_JVM_OPTS="" .ci/kafka.sh start.
 Run: .venv/bin/python benchmarks/kafka_throughput.py [--messages N] [--frames N] [--gc MODE]
 """
