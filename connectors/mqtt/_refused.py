@@ -1,6 +1,9 @@
-"""Telling a refused login apart from a broker that cannot be reached."""
+"""Telling a refused login, or a certificate that is not trusted, apart from a broker that
+cannot be reached."""
 
 from __future__ import annotations
+
+import ssl
 
 import aiomqtt
 
@@ -15,7 +18,11 @@ _REFUSED = frozenset({4, 5, 0x86, 0x87})
 
 def raise_if_refused(error: aiomqtt.MqttError, what: str) -> None:
     """Raise :class:`~connectors.AuthenticationFailed` when the broker refused the login or
-    the subscription: retrying with the same credentials cannot succeed."""
+    the subscription, or its certificate failed verification: retrying with the same
+    credentials or trust cannot succeed."""
+    handshake = error.__cause__ or error.__context__
+    if isinstance(handshake, ssl.SSLCertVerificationError):
+        raise AuthenticationFailed(f"{what}: the TLS handshake failed: {handshake}") from error
     if not isinstance(error, aiomqtt.MqttCodeError):
         return
     rc = error.rc

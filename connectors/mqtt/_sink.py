@@ -40,7 +40,9 @@ class MqttSink:
     item is acked only then; QoS 0 returns once the message is handed to the socket. A lost
     connection is re-established with backoff and the message published again (at least
     once); after ``reconnect_timeout`` seconds the flow fails with
-    :class:`~connectors.BrokerUnavailable`. ``timeout`` bounds the wait for one PUBACK.
+    :class:`~connectors.BrokerUnavailable`; a refused login, or a broker certificate that
+    ``tls_context`` does not trust, fails at once with :class:`~connectors.AuthenticationFailed`.
+    ``timeout`` bounds the wait for one PUBACK.
     """
 
     def __init__(

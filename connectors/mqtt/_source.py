@@ -59,7 +59,9 @@ class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
 
     A lost connection is re-established with backoff (re-subscribing); after
     ``reconnect_timeout`` seconds without one the flow fails with
-    :class:`~connectors.BrokerUnavailable`. Messages received on the old connection and
+    :class:`~connectors.BrokerUnavailable`. A refused login or subscription, or a broker
+    certificate that ``tls_context`` does not trust, fails it at once with
+    :class:`~connectors.AuthenticationFailed`. Messages received on the old connection and
     finished afterwards cannot be acknowledged any more; with a persistent session the broker
     sends them again.
     """
