@@ -28,6 +28,16 @@ def answers(port: int) -> bool:
         return False
 
 
+def project_tls(broker: str, port: int) -> Path:
+    """The test CA of the TLS listener on ``port`` that ``.ci/<broker>.sh`` made; skips the
+    test when the running broker is not the project's (no such listener, or no CA)."""
+    brokers_dir = Path(os.environ.get("STREAMFLOW_BROKERS_DIR", ROOT / ".brokers"))
+    ca = brokers_dir / broker / "tls" / "ca.pem"
+    if not (answers(port) and ca.exists()):
+        pytest.skip(f"the running {broker} has no TLS listener on {port} (not .ci/{broker}.sh's)")
+    return ca
+
+
 def broker_script(name: str, command: str) -> None:
     """Run ``.ci/<name>.sh <command>`` (fails the test with the script's output)."""
     result = subprocess.run(

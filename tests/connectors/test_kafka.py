@@ -21,7 +21,7 @@ from connectors.kafka import DeadLetterTopic, KafkaMessage, KafkaSink, KafkaSour
 
 from ._kafka import committed, create_topic, produce, read_all
 from ._wait import until
-from .conftest import ROOT, answers
+from .conftest import ROOT, answers, project_tls
 
 pytestmark = pytest.mark.asyncio
 
@@ -422,10 +422,7 @@ async def test_tls_against_the_real_broker(kafka: str, name: str) -> None:
     """The project's Kafka has a TLS listener with a self-signed certificate: trusting it
     carries data; the system trust store refuses it at once, saying why."""
     port = int(os.environ.get("KAFKA_SSL_PORT", "9095"))
-    brokers_dir = Path(os.environ.get("STREAMFLOW_BROKERS_DIR", ROOT / ".brokers"))
-    ca = brokers_dir / "kafka" / "tls" / "ca.pem"
-    if not (answers(port) and ca.exists()):
-        pytest.skip(f"the running Kafka has no TLS listener on {port} (not .ci/kafka.sh's)")
+    ca = project_tls("kafka", port)
     tls = f"127.0.0.1:{port}"
     trusted = Security("SSL", ssl_context=ssl.create_default_context(cafile=str(ca)))
     await _round_trip(kafka, tls, name, trusted)

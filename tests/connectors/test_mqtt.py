@@ -8,7 +8,6 @@ import json
 import os
 import ssl
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ import streamflow as sf
 from connectors.mqtt import MqttMessage, MqttSink, MqttSource
 
 from ._wait import until
-from .conftest import ROOT, answers, broker_script
+from .conftest import answers, broker_script, project_tls
 
 pytestmark = pytest.mark.asyncio
 
@@ -206,19 +205,10 @@ async def test_a_refused_login_fails_at_once_saying_so(mqtt_port: int, name: str
         await running.stop()
 
     wrong = {"username": "streamflow", "password": "not-the-password"}
-    for flow in (sf.Flow("bad-source"), sf.Flow("bad-sink")):
-        if flow.name == "bad-source":
-            bad_source = MqttSource(f"{name}/t", port=port, reconnect_timeout=60, **wrong)
-            flow.source("mqtt", bad_source).sink("out", sf.collect())
-        else:
-            bad_sink = MqttSink(f"{name}/t", port=port, reconnect_timeout=60, **wrong)
-            flow.source("n", [b"x"]).sink("mqtt", bad_sink)
-        t0 = time.monotonic()
-        with pytest.raises(sf.StageError) as info:
-            await flow.run()
-        assert isinstance(info.value.cause, connectors.AuthenticationFailed)
-        assert "refused the connection: Not authorized" in str(info.value)
-        assert time.monotonic() - t0 < 30  # at once, not after reconnect_timeout
+    for side in ("source", "sink"):
+        await _fails_at_once(
+            side, f"{name}/t", port, ["refused the connection: Not authorized"], **wrong
+        )
 
 
 # paho-mqtt leaves the socket of a failed TLS handshake unclosed; it is collected below
@@ -227,10 +217,7 @@ async def test_tls_against_the_real_broker(mqtt_port: int, name: str) -> None:
     """The project's mosquitto has a TLS listener with a self-signed certificate: trusting it
     carries data; the system trust store refuses it at once, saying why."""
     port = int(os.environ.get("MQTT_TLS_PORT", "8883"))
-    brokers_dir = Path(os.environ.get("STREAMFLOW_BROKERS_DIR", ROOT / ".brokers"))
-    ca = brokers_dir / "mosquitto" / "tls" / "ca.pem"
-    if not (answers(port) and ca.exists()):
-        pytest.skip(f"the running mosquitto has no TLS listener on {port} (not .ci/mosquitto.sh's)")
+    ca = project_tls("mosquitto", port)
     trusted = ssl.create_default_context(cafile=str(ca))
     source = MqttSource(f"{name}/t", port=port, codec=connectors.JSON, tls_context=trusted)
     out: list[Any] = []
@@ -246,23 +233,31 @@ async def test_tls_against_the_real_broker(mqtt_port: int, name: str) -> None:
     assert out == [{"i": i} for i in range(5)]
 
     for side in ("source", "sink"):
-        await _fails_untrusted_at_once(side, f"{name}/t", port)
+        untrusted = ssl.create_default_context()
+        await _fails_at_once(
+            side,
+            f"{name}/t",
+            port,
+            ["the TLS handshake failed", "certificate verify failed"],
+            tls_context=untrusted,
+        )
         gc.collect()  # here, where the leaked socket's warning is ignored
 
 
-async def _fails_untrusted_at_once(side: str, topic: str, port: int) -> None:
-    untrusted = ssl.create_default_context()
-    flow = sf.Flow(f"untrusted-{side}")
+async def _fails_at_once(side: str, topic: str, port: int, why: list[str], **options: Any) -> None:
+    """An MQTT source or sink with ``options`` fails its flow with AuthenticationFailed saying
+    each of ``why``, well before its reconnect_timeout. (A function of its own, so that the failed
+    client is garbage once it returns.)"""
+    flow = sf.Flow(f"failing-{side}")
     if side == "source":
-        source = MqttSource(topic, port=port, tls_context=untrusted, reconnect_timeout=60)
+        source = MqttSource(topic, port=port, reconnect_timeout=60, **options)
         flow.source("mqtt", source).sink("out", sf.collect())
     else:
-        sink = MqttSink(topic, port=port, tls_context=untrusted, reconnect_timeout=60)
+        sink = MqttSink(topic, port=port, reconnect_timeout=60, **options)
         flow.source("n", [b"x"]).sink("mqtt", sink)
     t0 = time.monotonic()
     with pytest.raises(sf.StageError) as info:
         await flow.run()
     assert isinstance(info.value.cause, connectors.AuthenticationFailed)
-    assert "the TLS handshake failed" in str(info.value)
-    assert "certificate verify failed" in str(info.value)
+    assert all(text in str(info.value) for text in why), str(info.value)
     assert time.monotonic() - t0 < 30  # at once, not after reconnect_timeout
