@@ -57,18 +57,12 @@ class Inbox:
         self._closed = False
         self.error: BaseException | None = None
 
-    def put(self, record: Record, reader: FrameReader | None) -> None:
-        self._items.append(record)
-        self._ready.set()
-        if reader is not None and len(self._items) >= self.capacity:
-            reader.pause()
-            self._paused.add(reader)
-
-    def put_many(self, records: list[Record], reader: FrameReader) -> None:
+    def put(self, records: list[Record], reader: FrameReader | None) -> None:
+        """Add ``records``; when the inbox is full, pause ``reader`` (if given)."""
         if records:
             self._items.extend(records)
             self._ready.set()
-            if len(self._items) >= self.capacity:
+            if reader is not None and len(self._items) >= self.capacity:
                 reader.pause()
                 self._paused.add(reader)
 
@@ -229,7 +223,7 @@ class FrameReader(asyncio.BufferedProtocol):
             (length,) = unpack(ring, start)
             if length > max_frame:
                 self.frames = n
-                self.inbox.put_many(records, self)
+                self.inbox.put(records, self)
                 self._start = self._end = 0
                 self._bad(
                     view[start : min(end, start + 4 + 64)].tobytes(),
@@ -251,8 +245,7 @@ class FrameReader(asyncio.BufferedProtocol):
                 start = end = 0
             break
         self.frames = n
-        if records:
-            self.inbox.put_many(records, self)
+        self.inbox.put(records, self)
         if start == end:
             start = end = 0
         self._start, self._end = start, end
@@ -265,7 +258,7 @@ class FrameReader(asyncio.BufferedProtocol):
     def _deliver(self, frame: bytearray) -> None:
         self.frames += 1
         position = {"peer": self.peer, "frame": self.frames}
-        self.inbox.put(Record(frame, self.source, position, codec=self.codec), self)
+        self.inbox.put([Record(frame, self.source, position, codec=self.codec)], self)
 
     def _bad(self, raw: bytes, reason: str) -> None:
         self._broken = True
@@ -273,7 +266,7 @@ class FrameReader(asyncio.BufferedProtocol):
         position = {"peer": self.peer, "frame": self.frames}
         record = Record(raw, self.source, position, codec=self.codec, error=reason)
         log.warning("connector.bad_frame", source=self.source, **position, reason=reason)
-        self.inbox.put(record, None)
+        self.inbox.put([record], None)
         if self.transport is not None:
             self.transport.close()
 
