@@ -6,6 +6,11 @@ of a small layer's time, and pipeline parts run on threads that share one GIL, s
 twice. :func:`layer_chain` calls each layer's ``forward`` directly, but only while the checks
 ``__call__`` itself makes (hooks on the layer, global hooks, ``torch.compile``, tracing) find
 nothing; otherwise the layer is called as usual, so hooks registered at any time still run.
+
+For the common layers whose ``forward`` is one torch operator (``Linear``, convolutions,
+``ReLU``, ``GELU``, ``Tanh``, ``Sigmoid``, ``Flatten``, ``Identity``; exactly these classes,
+not subclasses), the chain calls that operator itself with the layer's current parameters and
+settings: the same call ``forward`` makes, without its frame and its ``self.weight`` lookups.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
@@ -32,6 +38,17 @@ _LAYER_ATTRS = (
     "_backward_pre_hooks",
     "_compiled_call_impl",
 )
+_CONV: dict[type[nn.Module], Callable[..., Any]] = {
+    nn.Conv1d: F.conv1d,
+    nn.Conv2d: F.conv2d,
+    nn.Conv3d: F.conv3d,
+}
+_UNARY: dict[type[nn.Module], Callable[[Any], Any]] = {
+    nn.Tanh: torch.tanh,
+    nn.Sigmoid: torch.sigmoid,
+}
+_has_torch_function = torch._C._has_torch_function_unary
+_linear, _gelu, _relu = F.linear, F.gelu, torch.relu
 
 
 def layer_chain(module: nn.Module) -> Callable[[Any], Any]:
@@ -48,11 +65,12 @@ def layer_chain(module: nn.Module) -> Callable[[Any], Any]:
     ):
         return module  # another torch than the one this was written for: the plain call
     hooks = [getattr(_module, name) for name in _GLOBAL_HOOKS]  # dicts torch mutates in place
+    steps = [(m, _direct(m) or m.forward) for m in layers]
 
     def chain(x: Any) -> Any:
         if any(hooks) or is_tracing() or _hooked(module):
             return module(x)
-        for m in layers:  # _hooked(m), inlined: this is the per-layer cost being saved
+        for m, step in steps:  # _hooked(m), inlined: this is the per-layer cost being saved
             if (
                 m._forward_hooks
                 or m._forward_pre_hooks
@@ -62,10 +80,49 @@ def layer_chain(module: nn.Module) -> Callable[[Any], Any]:
             ):
                 x = m(x)
             else:
-                x = m.forward(x)
+                x = step(x)
         return x
 
     return chain
+
+
+def _direct(m: nn.Module) -> Callable[[Any], Any] | None:
+    """The one torch call ``m.forward`` makes, reading ``m``'s parameters and settings at
+    each call as ``forward`` does; None for any other layer."""
+    kind = type(m)
+    layer: Any = m  # its settings are read at each call, as forward reads them
+    params: dict[str, Any] = m._parameters
+    if kind is nn.Linear:
+        return lambda x: _linear(x, params["weight"], params["bias"])
+    conv = _CONV.get(kind)
+    if conv is not None:
+
+        def convolve(x: Any) -> Any:
+            if layer.padding_mode != "zeros":
+                return layer.forward(x)
+            return conv(
+                x,
+                params["weight"],
+                params["bias"],
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                layer.groups,
+            )
+
+        return convolve
+    if kind is nn.ReLU:  # F.relu is Python: it hands tensor subclasses to __torch_function__
+        return lambda x: layer.forward(x) if layer.inplace or _has_torch_function(x) else _relu(x)
+    if kind is nn.GELU:
+        return lambda x: _gelu(x, approximate=layer.approximate)
+    unary = _UNARY.get(kind)
+    if unary is not None:
+        return unary
+    if kind is nn.Flatten:
+        return lambda x: x.flatten(layer.start_dim, layer.end_dim)
+    if kind is nn.Identity:
+        return lambda x: x
+    return None
 
 
 def _hooked(m: nn.Module) -> bool:

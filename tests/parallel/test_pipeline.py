@@ -3,11 +3,14 @@
 import asyncio
 import itertools
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import streamflow as sf
@@ -333,3 +336,62 @@ async def test_hooks_registered_on_layers_still_run() -> None:
     finally:
         everywhere.remove()
     assert calls.count("Linear") >= 6 * len(frames)  # every Linear ran through __call__
+
+
+async def test_common_layers_called_through_their_operator_compute_what_forward_does() -> None:
+    """Parts call the operator behind Linear, the convolutions and the activations themselves.
+    The outputs still equal the model's, with each layer's settings, with parameters replaced
+    after the pipeline was built, and through layers that must keep their own forward."""
+
+    class Doubled(nn.Linear):  # a subclass: its own forward must run
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, stride=2, padding_mode="reflect", padding=1),
+        nn.GELU(approximate="tanh"),
+        nn.Flatten(),
+        nn.Linear(64, 16),
+        nn.Sigmoid(),
+        nn.Identity(),
+        Doubled(16, 16),
+        nn.ReLU(),
+        nn.Unflatten(1, (1, 16)),
+        nn.Conv1d(1, 2, 3),
+        nn.Tanh(),
+    )
+    frames = [torch.randn(1, 3, 8, 8) for _ in range(6)]
+    pipe = sf.pipeline(model, ["cpu:0", "cpu:1"], frames[0], partition=[6, 7])
+    assert_same(await run_flow(pipe, frames), reference(model, frames))
+    model[5].weight = nn.Parameter(torch.randn(16, 64))
+    model[11].bias = None
+    assert_same(await run_flow(pipe, frames), reference(model, frames))
+
+
+async def test_tensor_subclasses_see_the_same_torch_functions_as_in_the_model() -> None:
+    """F.relu hands tensor subclasses to ``__torch_function__`` as itself; a part calling
+    torch.relu instead would show them another function."""
+    seen: list[object] = []
+    watched = {F.linear, F.relu, torch.relu, torch.tanh}
+
+    class Watched(torch.Tensor):
+        @classmethod
+        def __torch_function__(  # type: ignore[override]
+            cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            if func in watched:
+                seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh())
+    frames = [torch.randn(1, 4).as_subclass(Watched) for _ in range(3)]
+    pipe = sf.pipeline(model, ["cpu:0", "cpu:1"], frames[0], partition=[2, 2])
+    seen.clear()
+    expected = reference(model, frames)
+    in_model = list(seen)
+    seen.clear()
+    assert_same(await run_flow(pipe, frames), expected)
+    assert Counter(seen) == Counter(in_model) and F.relu in seen  # the parts interleave
