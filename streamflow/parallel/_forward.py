@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-__all__ = ["layer_chain"]
+__all__ = ["layer_call", "layer_chain"]
 
 _GLOBAL_HOOKS = (
     "_global_forward_hooks",
@@ -84,6 +84,11 @@ def layer_chain(module: nn.Module) -> Callable[[Any], Any]:
         return x
 
     return chain
+
+
+def layer_call(m: nn.Module) -> Callable[[Any], Any]:
+    """What a part calls for layer ``m`` as things stand (the profiler times this)."""
+    return m if _hooked(m) else _direct(m) or m.forward
 
 
 def _direct(m: nn.Module) -> Callable[[Any], Any] | None:

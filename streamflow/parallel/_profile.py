@@ -16,6 +16,7 @@ from torch import nn
 
 from ._costs import HandoffModel, LayerProfile, Profile
 from ._devices import check_devices, is_cuda, parse_device, timing_class, torch_device
+from ._forward import layer_call
 from ._layers import named_layers, preserved_buffers
 
 __all__ = ["profile"]
@@ -129,18 +130,20 @@ def _measure_layers(
 def _chain_times(
     layers: list[nn.Module], example: Any, device: str, warmup: int, repeats: int
 ) -> list[float]:
-    """Median seconds of each layer, timed inside full runs of the chain."""
+    """Median seconds of each layer, timed inside full runs of the chain and called the way
+    pipeline parts call it."""
     samples: list[list[float]] = [[] for _ in layers]
+    calls = [layer_call(layer) for layer in layers]
     cuda = is_cuda(device)
     with torch.no_grad():
         for run in range(warmup + repeats):
             x = example
-            for i, layer in enumerate(layers):
+            for i, call in enumerate(calls):
                 arg = _fresh(x)  # untimed copy: layers may work in place
                 if cuda:
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                x = layer(arg)
+                x = call(arg)
                 if cuda:
                     torch.cuda.synchronize(device)
                 if run >= warmup:

@@ -412,6 +412,16 @@ def test_profile_real_mlp_is_positive_finite_and_repeatable() -> None:
     assert sum(chosen.partition) == 16 and chosen.predicted_throughput > 0
 
 
+def test_profile_times_a_hooked_layer_with_its_hooks() -> None:
+    """Parts call a layer with hooks through ``__call__``, so the profile must time it that
+    way: every timed run of the chain (without autograd) runs the hook."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    calls: list[bool] = []
+    model[2].register_forward_hook(lambda module, args, out: calls.append(out.requires_grad))
+    profile(model, torch.randn(1, 4), ["cpu:0"], warmup=2, repeats=5)
+    assert calls.count(False) >= 2 + 5  # one more: the run that checks the example fits
+
+
 class Normed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
