@@ -98,12 +98,18 @@ def _direct(m: nn.Module) -> Callable[[Any], Any] | None:
     layer: Any = m  # its settings are read at each call, as forward reads them
     params: dict[str, Any] = m._parameters
     if kind is nn.Linear:
-        return lambda x: _linear(x, params["weight"], params["bias"])
+
+        def linear(x: Any) -> Any:
+            if "weight" not in params or "bias" not in params:  # replaced by a buffer, say
+                return layer.forward(x)
+            return _linear(x, params["weight"], params["bias"])
+
+        return linear
     conv = _CONV.get(kind)
     if conv is not None:
 
         def convolve(x: Any) -> Any:
-            if layer.padding_mode != "zeros":
+            if layer.padding_mode != "zeros" or "weight" not in params or "bias" not in params:
                 return layer.forward(x)
             return conv(
                 x,

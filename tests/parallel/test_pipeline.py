@@ -369,6 +369,11 @@ async def test_common_layers_called_through_their_operator_compute_what_forward_
     model[5].weight = nn.Parameter(torch.randn(16, 64))
     model[11].bias = None
     assert_same(await run_flow(pipe, frames), reference(model, frames))
+    del model[5].bias  # model surgery: a parameter becomes a buffer
+    model[5].register_buffer("bias", torch.full((16,), 0.5))
+    del model[0].weight
+    model[0].register_buffer("weight", torch.randn(4, 3, 3, 3))
+    assert_same(await run_flow(pipe, frames), reference(model, frames))
 
 
 async def test_tensor_subclasses_see_the_same_torch_functions_as_in_the_model() -> None:
