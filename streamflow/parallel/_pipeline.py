@@ -54,8 +54,7 @@ def pipeline(
     layers per stage; a :class:`Plan` is used as it is. ``capacity`` is how many samples may
     wait per part (at most ``capacity`` x parts are in flight): more keeps the parts busier
     while the event loop runs, fewer lowers latency when the source is always ahead.
-    ``cuda_graphs=True`` captures
-    each CUDA part's forward once per input shape and replays it.
+    ``cuda_graphs=True`` captures each CUDA part's forward once per input shape and replays it.
 
     When the plan is a single CPU stage predicted to take less than ``inline_below`` seconds
     per input batch, the model runs on the event loop itself, like a plain ``def`` stage: handing
