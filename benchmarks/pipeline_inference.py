@@ -235,6 +235,13 @@ def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int, repea
     ]
     print(table(["contender", "samples/s", "p50 ms", "p99 ms", "x seq", "x bound"], rows))
     print(
+        "latency: (b) from the moment the feeding thread offers a sample to its 2-slot queue; "
+        "(d) from the moment the source produced it, so with a source always ahead it includes "
+        f"the 16 items queued in front of the model and the {1 if pipe.inline else pipe.in_flight}"
+        " samples in flight "
+        "(see docs/PARALLEL.md, Latency)"
+    )
+    print(
         f"streamflow / queue.Queue: {sfr.throughput / qp.throughput:.2f}x; "
         f"predicted / measured: {pipe.plan.predicted_throughput / sfr.throughput:.2f}; "
         f"median of the per-round ratios [95% interval of that median] (each round's "
