@@ -5,14 +5,16 @@ These ship with the package so users can test their own flows the way we test ou
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 
 import anyio
 
 from ._message import Message, Outcome
 
-__all__ = ["Flaky", "MemorySink", "MemorySource"]
+__all__ = ["Flaky", "LoopLag", "MemorySink", "MemorySource", "loop_lag"]
 
 T = TypeVar("T")
 
@@ -101,3 +103,47 @@ class Flaky(Generic[T]):
         if n <= self.failures:
             raise self.error(f"injected failure {n} of {self.failures} for {item!r}")
         return self.fn(item)
+
+
+class LoopLag:
+    """What :func:`loop_lag` measured: how late the event loop woke a task that asked to be
+    woken every ``interval`` seconds. ``worst`` is the longest stall (seconds)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.worst = 0.0
+        self.samples = 0
+
+    def __repr__(self) -> str:
+        return f"LoopLag(worst={self.worst * 1e3:.1f} ms, samples={self.samples})"
+
+
+@asynccontextmanager
+async def loop_lag(interval: float = 0.005) -> AsyncIterator[LoopLag]:
+    """Measure, while the block runs, how long the event loop was held: a probe task sleeps
+    ``interval`` s at a time and records how much later than asked it woke up.
+
+    Use it to check that nothing in a flow blocks the loop::
+
+        async with sf.testing.loop_lag() as lag:
+            await flow.run()
+        assert lag.worst < 0.05
+    """
+    lag = LoopLag(interval)
+
+    async def probe() -> None:
+        clock = time.perf_counter
+        while True:
+            before = clock()
+            await anyio.sleep(interval)
+            late = clock() - before - interval
+            lag.samples += 1
+            if late > lag.worst:
+                lag.worst = late
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(probe)
+        try:
+            yield lag
+        finally:
+            tg.cancel_scope.cancel()
