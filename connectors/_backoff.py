@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 
 import anyio
-import structlog
+
+from streamflow._logging import get_logger
 
 from ._errors import BrokerUnavailable
 
 __all__ = ["Backoff"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 
 class Backoff:

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import aiomqtt
 import anyio
-import structlog
 
 import streamflow as sf
+from streamflow._logging import get_logger
 
 from .._backoff import Backoff
 from .._buffered import BufferedSource
@@ -27,7 +27,7 @@ from ._refused import raise_if_refused
 
 __all__ = ["MqttSource", "MqttSourceStats"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 
 @dataclass

@@ -9,7 +9,8 @@ from types import TracebackType
 from typing import Any
 
 import anyio
-import structlog
+
+from streamflow._logging import get_logger
 
 from .._backoff import Backoff
 from ..codecs import BYTES, Buffer, Codec
@@ -18,7 +19,7 @@ from ._framing import encode_frame
 
 __all__ = ["ClientSink", "ServerSink"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 
 class ClientSink:

@@ -8,7 +8,8 @@ from types import TracebackType
 from typing import Any
 
 import anyio
-import structlog
+
+from streamflow._logging import get_logger
 
 from .._backoff import Backoff
 from .._record import Record
@@ -18,7 +19,7 @@ from ._framing import FrameReader, Inbox
 
 __all__ = ["ClientSource", "ServerSource"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 
