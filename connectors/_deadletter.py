@@ -15,10 +15,11 @@ __all__ = ["DeadLetterEntry", "dead_letter_entry"]
 
 @dataclass(frozen=True, slots=True)
 class DeadLetterEntry:
-    """A failed item flattened for storage: ``raw`` bytes as received (or the item encoded as
-    JSON, else its ``repr``), and text fields saying where and why it failed."""
+    """A failed item flattened for storage: ``raw`` bytes as received (``None`` for a Kafka
+    tombstone; or the item encoded as JSON, else its ``repr``), and text fields saying where
+    and why it failed."""
 
-    raw: bytes
+    raw: bytes | None
     reason: str
     flow: str
     stage: str
@@ -44,7 +45,7 @@ def dead_letter_entry(failed: FailedItem) -> DeadLetterEntry:
     reason = error.reason if isinstance(error, DecodeError) else f"{type(error).__name__}: {error}"
     if isinstance(item, Record):
         return DeadLetterEntry(
-            bytes(item.raw),
+            None if item.raw is None else bytes(item.raw),
             reason,
             failed.flow,
             failed.stage,

@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import structlog
-
 import streamflow as sf
+from streamflow._logging import get_logger
 
 from .codecs import BYTES, Buffer, Codec
 
 __all__ = ["DecodeError", "Record", "decode", "decode_batch"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 
 class Record:
@@ -35,7 +34,7 @@ class Record:
 
     def __init__(
         self,
-        raw: Buffer,
+        raw: Buffer | None,
         source: str,
         position: Mapping[str, Any],
         *,
@@ -55,16 +54,27 @@ class Record:
         self.error = error
 
     def decode(self) -> Any:
-        """The value, read with ``codec``.
+        """The value, read with ``codec`` (``None`` for a tombstone).
 
         :raises DecodeError: ``raw`` is malformed (or ``error`` is set); it carries the record.
         """
         if self.error is None:
+            if self.raw is None:
+                return None
             try:
                 return self.codec.decode(self.raw)
             except Exception as exc:
                 raise _failure(self, exc) from exc
         raise DecodeError(self, self.error)
+
+    def data(self) -> bytes:
+        """``raw`` as ``bytes``, for a sink that writes it out.
+
+        :raises ValueError: the record is a tombstone (it has no bytes to write).
+        """
+        if self.raw is None:
+            raise ValueError(f"the record from {self.where()} is a tombstone: it has no value")
+        return self.raw if isinstance(self.raw, bytes) else bytes(self.raw)
 
     def where(self) -> str:
         """``source`` and ``position`` as text, for messages."""
@@ -72,11 +82,12 @@ class Record:
         return f"{self.source} ({inner})" if inner else self.source
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return 0 if self.raw is None else len(self.raw)
 
     def __repr__(self) -> str:
         bad = f", error={self.error!r}" if self.error else ""
-        return f"Record({self.where()}, {len(self.raw)} bytes{bad})"
+        size = "tombstone" if self.raw is None else f"{len(self.raw)} bytes"
+        return f"Record({self.where()}, {size}{bad})"
 
 
 class DecodeError(ValueError):
@@ -104,8 +115,11 @@ def decode(record: Record) -> Any:
     if not isinstance(record, Record):
         raise TypeError(f"decode() expects a connectors.Record, got {type(record).__name__}")
     if record.error is None:  # Record.decode, inlined: this runs once per item
+        raw = record.raw
+        if raw is None:
+            return None
         try:
-            return record.codec.decode(record.raw)
+            return record.codec.decode(raw)
         except Exception as cause:
             raise _logged(record, cause) from cause
     raise _logged(record, None)
@@ -134,8 +148,9 @@ def decode_batch(records: Sequence[Record]) -> list[Any]:
                 f"at index {i}"
             )
         if record.error is None:  # Record.decode, inlined: this runs once per element
+            raw = record.raw
             try:
-                values.append(record.codec.decode(record.raw))
+                values.append(None if raw is None else record.codec.decode(raw))
             except Exception as cause:
                 errors[i] = _logged(record, cause)
                 errors[i].__cause__ = cause
@@ -155,7 +170,7 @@ def _logged(record: Record, cause: Exception | None) -> DecodeError:
         source=record.source,
         **record.position,
         codec=record.codec.name,
-        size=len(record.raw),
+        size=len(record),
         reason=exc.reason,
     )
     return exc

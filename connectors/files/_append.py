@@ -82,7 +82,7 @@ class LinesSink:
 
     def encode(self, item: Any) -> bytes:
         """One line for ``item``, with its newline."""
-        data = bytes(item.raw) if isinstance(item, Record) else self.codec.encode(item)
+        data = item.data() if isinstance(item, Record) else self.codec.encode(item)
         if b"\n" in data:
             raise ValueError(f"{self.name}: a line record cannot contain a newline")
         return data + b"\n"
@@ -127,15 +127,15 @@ class CsvSink(LinesSink):
             _write_all(fd, codec.encode(list(codec.fieldnames)) + b"\n")
 
     def encode(self, item: Any) -> bytes:
-        data = bytes(item.raw) if isinstance(item, Record) else self.codec.encode(item)
+        data = item.data() if isinstance(item, Record) else self.codec.encode(item)
         return data + b"\n"
 
 
 class DeadLetterFile(LinesSink):
     """A dead-letter sink for ``sf.DeadLetter(...)``: one JSON line per failed item with
     ``time``, ``flow``, ``stage``, ``source``, ``position``, ``reason``, ``attempts``, the raw
-    bytes as ``raw_b64`` and, when they are UTF-8, as ``raw_text``. Same append guarantee as
-    :class:`LinesSink`."""
+    bytes as ``raw_b64`` (``null`` for a tombstone) and, when they are UTF-8, as
+    ``raw_text``. Same append guarantee as :class:`LinesSink`."""
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
         super().__init__(path, codec=JSON, fsync=fsync)
@@ -152,10 +152,11 @@ class DeadLetterFile(LinesSink):
             "position": entry.position,
             "reason": entry.reason,
             "attempts": entry.attempts,
-            "raw_b64": base64.b64encode(entry.raw).decode(),
+            "raw_b64": None if entry.raw is None else base64.b64encode(entry.raw).decode(),
         }
-        with contextlib.suppress(UnicodeDecodeError):
-            line["raw_text"] = entry.raw.decode()
+        if entry.raw is not None:
+            with contextlib.suppress(UnicodeDecodeError):
+                line["raw_text"] = entry.raw.decode()
         return super().encode(line)
 
 

@@ -9,7 +9,6 @@ from types import TracebackType
 from typing import Any
 
 import anyio
-import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     InvalidProducerEpoch,
@@ -20,6 +19,7 @@ from aiokafka.errors import (
 )
 
 import streamflow as sf
+from streamflow._logging import get_logger
 
 from .._backoff import Backoff
 from .._deadletter import dead_letter_entry
@@ -31,7 +31,7 @@ from ._start import start_client
 
 __all__ = ["DeadLetterTopic", "KafkaMessage", "KafkaSink"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 # the idempotent producer's state is lost (e.g. after a broker restart): start a new one
 _PRODUCER_LOST = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch, ProducerClosed)
@@ -40,7 +40,8 @@ _PRODUCER_LOST = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEp
 @dataclass(frozen=True, slots=True)
 class KafkaMessage:
     """An item with explicit Kafka fields, for :class:`KafkaSink`: ``value`` goes through the
-    sink's codec; ``topic``/``partition`` override the sink's when given."""
+    sink's codec (``None`` produces a tombstone: a null value, the delete marker of a
+    compacted topic); ``topic``/``partition`` override the sink's when given."""
 
     value: Any
     key: bytes | str | None = None
@@ -49,7 +50,7 @@ class KafkaMessage:
     partition: int | None = None
 
 
-_Prepared = tuple[str, bytes, bytes | None, list[tuple[str, bytes]], int | None]
+_Prepared = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
 """topic, value, key, headers, partition"""
 
 
@@ -60,7 +61,7 @@ class KafkaSink:
     source may commit) only when every in-sync replica has it. Items may be:
 
     - a :class:`~connectors.Record` (from any source of this package): produced raw, with
-      its key and headers;
+      its key and headers (a tombstone, ``raw is None``, stays a tombstone);
     - a :class:`KafkaMessage`: explicit key, headers, topic, partition;
     - anything else: encoded with ``codec``, keyed by ``key(item)`` when given.
 
@@ -152,12 +153,13 @@ class KafkaSink:
 
     def _prepare(self, item: Any) -> _Prepared:
         if isinstance(item, Record):
-            return self.topic, bytes(item.raw), item.key, list(item.headers), None
+            raw = None if item.raw is None else bytes(item.raw)
+            return self.topic, raw, item.key, list(item.headers), None
         if isinstance(item, KafkaMessage):
             key = as_bytes(item.key) if item.key is not None else None
             return (
                 item.topic or self.topic,
-                self.codec.encode(item.value),
+                None if item.value is None else self.codec.encode(item.value),
                 key,
                 list(item.headers),
                 item.partition,
@@ -201,7 +203,7 @@ class KafkaSink:
     async def _produce(
         self,
         topic: str,
-        value: bytes,
+        value: bytes | None,
         key: bytes | None,
         headers: list[tuple[str, bytes]],
         partition: int | None,

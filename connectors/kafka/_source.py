@@ -13,12 +13,12 @@ from types import TracebackType
 from typing import Any, Literal
 
 import anyio
-import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 import streamflow as sf
+from streamflow._logging import get_logger
 
 from .._backoff import Backoff
 from .._buffered import BufferedSource
@@ -31,7 +31,7 @@ from ._start import start_client
 
 __all__ = ["KafkaSource", "KafkaSourceStats"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 _PROBE_EVERY = 2.0  # seconds without any broker round trip before a liveness probe
 _OP_TIMEOUT = 10.0  # a commit or probe that takes longer counts as failed
@@ -213,9 +213,8 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         part, rec = self._buffer.popleft()
         self.stats.yielded += 1
         topic, partition, offset = rec.topic, rec.partition, rec.offset
-        value = rec.value
         record = Record(
-            value if value is not None else b"",
+            rec.value,  # None for a tombstone
             self.name,
             {"topic": topic, "partition": partition, "offset": offset},
             codec=self.codec,

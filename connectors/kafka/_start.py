@@ -18,6 +18,7 @@ from aiokafka.errors import (
 
 from .._backoff import Backoff
 from .._errors import AuthenticationFailed
+from ._redact import redact_secret
 
 __all__ = ["start_client"]
 
@@ -59,7 +60,10 @@ async def start_client(
     :raises ~connectors.AuthenticationFailed: a broker answered but refused the credentials
         or the TLS handshake (retrying cannot help; aiokafka itself only logs why).
     :raises ~connectors.BrokerUnavailable: the broker stayed unreachable ``give_up_after`` s.
+
+    A SASL password in ``options`` is redacted from aiokafka's log records from then on.
     """
+    redact_secret(options.get("sasl_plain_password"))
     backoff = Backoff(what, give_up_after=give_up_after)
     while True:
         client = make()

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 import aiomqtt
 import anyio
-import structlog
+
+from streamflow._logging import get_logger
 
 from .._backoff import Backoff
 from .._record import Record
@@ -19,7 +20,7 @@ from ._refused import raise_if_refused
 
 __all__ = ["MqttMessage", "MqttSink"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +139,7 @@ class MqttSink:
             return item.topic, self.codec.encode(item.value), qos, retain
         if self.topic is None:
             raise ValueError(f"{self!r} has no topic: send MqttMessage items or set topic=")
-        payload = bytes(item.raw) if isinstance(item, Record) else self.codec.encode(item)
+        payload = item.data() if isinstance(item, Record) else self.codec.encode(item)
         return self.topic, payload, self.qos, self.retain
 
     async def send(self, item: Any) -> None:
