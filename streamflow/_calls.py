@@ -1,12 +1,10 @@
-"""How a stage calls its function: on the loop, awaited, on a worker thread or the pool."""
+"""How a stage calls its function: on the loop, awaited, or on a worker thread."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterable, Callable
 from typing import Any
-
-import anyio
 
 from ._devices import Worker
 
@@ -35,7 +33,6 @@ class Invoker:
         fn: Callable[[Any], Any],
         *,
         worker: Worker | None,
-        pool_limiter: anyio.CapacityLimiter | None,
         materialize: bool = False,
         wrap: Callable[[Callable[[Any], Any]], Callable[[Any], Any]] | None = None,
     ) -> None:
@@ -49,8 +46,6 @@ class Invoker:
             target = _listing(fn) if materialize else fn
             if worker is not None:
                 self._call = _on_worker(worker, wrap(target) if wrap else target, materialize)
-            elif pool_limiter is not None:
-                self._call = _on_pool(pool_limiter, target, materialize)
             else:
                 self._call = self._on_loop_list if materialize else self._on_loop
 
@@ -114,13 +109,5 @@ def _on_worker(worker: Worker, fn: Callable[[Any], Any], materialize: bool) -> A
 
     async def call(arg: Any) -> Any:
         return await worker.run(fn, arg)
-
-    return call
-
-
-def _on_pool(limiter: anyio.CapacityLimiter, fn: Callable[[Any], Any], materialize: bool) -> Any:
-    async def call(arg: Any) -> Any:
-        result = await anyio.to_thread.run_sync(fn, arg, limiter=limiter)
-        return await _to_list(result) if materialize else result
 
     return call

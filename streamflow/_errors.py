@@ -53,7 +53,8 @@ class StageError(Exception):
 
     Attributes name the flow, the stage, a short description of the item (``None`` when
     the failure was not about an item) and its metadata, and the phase; the original
-    exception is ``__cause__`` (and ``cause``).
+    exception is ``__cause__`` (and ``cause``). ``also`` lists the failures of other stages
+    that came while the flow was stopping for this one (each is named in a note, too).
     """
 
     def __init__(
@@ -84,3 +85,9 @@ class StageError(Exception):
         text += f": {type(cause).__name__}: {cause}"
         super().__init__(text)
         self.__cause__ = cause
+        self.also: list[StageError] = []
+
+    def attach(self, other: StageError) -> None:
+        """Record ``other``, a failure that came while the flow stopped for this one."""
+        self.also.append(other)
+        self.add_note(f"also failed: {other}")

@@ -218,9 +218,10 @@ class Stream(Generic[T]):
     A stream read by several stages is broadcast: each gets every item. Common options:
 
     - ``capacity``, ``overflow``: the bounded channel in front of the new stage.
-    - ``device``: ``None`` (the event loop), ``"cpu"`` (a shared thread pool), ``"cpu:N"``
-      (dedicated worker thread N) or ``"cuda:N"`` (a worker thread for GPU N, the stage's
-      own CUDA stream, input tensors moved to the GPU); plain ``def`` functions run there.
+    - ``device``: ``None`` (the event loop), ``"cpu"`` (threads of the stage's own,
+      ``concurrency`` of them), ``"cpu:N"`` (dedicated worker thread N) or ``"cuda:N"`` (a
+      worker thread for GPU N, the stage's own CUDA stream, input tensors moved to the GPU);
+      plain ``def`` functions run there.
     - ``concurrency``: items processed at once; results keep input order unless
       ``ordered=False``.
     - ``errors``: ``"fail"``, ``"skip"``, :class:`~streamflow.Retry` or

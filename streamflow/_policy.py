@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,12 +26,20 @@ class FailedItem:
 class DeadLetter:
     """Send items that fail to ``sink`` as :class:`FailedItem`, then go on.
 
-    ``sink`` is an async callable or an object with ``async send(item)``; the item is acked as
+    ``sink`` is a callable taking the :class:`FailedItem` (an ``async def``, or a plain
+    function that returns quickly: it runs on the event loop, e.g. ``failures.append``) or an
+    object with ``send(item)``; this is checked when the flow is built. The item is acked as
     ``Outcome.DEAD_LETTERED`` once the sink returned. If the dead-letter sink itself raises,
     the flow fails.
     """
 
     sink: Any
+
+    async def deliver(self, failed: FailedItem) -> None:
+        """Hand ``failed`` to the sink; an awaitable it returns is awaited."""
+        result = _target(self.sink)(failed)
+        if inspect.isawaitable(result):
+            await result
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +130,28 @@ def check_policy(policy: object, stage: str) -> None:
 
 
 def _check_sink(sink: object, stage: str) -> None:
+    """The sink must take one argument: as a callable, or through its ``send`` method."""
     from ._errors import GraphError
 
-    if not (callable(sink) or callable(getattr(sink, "send", None))):
+    target = _target(sink)
+    if not callable(target):
         raise GraphError(
-            f"stage {stage!r}: the dead-letter sink must be an async callable or have send(), "
+            f"stage {stage!r}: the dead-letter sink must be a callable or have send(), "
             f"got {sink!r}"
         )
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin without a signature: trust it
+        return
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        raise GraphError(
+            f"stage {stage!r}: the dead-letter sink {sink!r} must take one argument (the "
+            f"sf.FailedItem), but its signature is {signature}: {exc}"
+        ) from None
+
+
+def _target(sink: Any) -> Any:
+    """What a dead-letter sink is called through: itself, or its ``send`` method."""
+    return sink if callable(sink) else getattr(sink, "send", None)

@@ -11,12 +11,12 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import structlog
 
 from ._calls import Invoker, is_async
 from ._channel import _EMPTY, _TIMEOUT, Channel
 from ._errors import ChannelClosed, ChannelFull, StageError, describe_item
 from ._io import _AsyncIter, iterate
+from ._logging import get_logger
 from ._message import (
     DEAD_LETTERED,
     DELIVERED,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Runner", "make_runner"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 _perf = time.perf_counter
 _CHECKPOINT = 255  # yield to the loop at least every 256 items a loop handles without waiting
 
@@ -216,10 +216,11 @@ class FunctionRunner(Runner):
             # a thread per GPU stage: it waits for its stage's event, and a thread shared by
             # two stages would keep their streams from ever working at the same time
             self.worker_key = f"{device}/{node.name}"
+        elif device == "cpu":  # the flow's own threads, as many as the stage runs at once
+            self.worker_key = f"cpu/{node.name}"
         self.invoke = Invoker(
             fn,
-            worker=rt.pool.get(self.worker_key) if device not in (None, "cpu") else None,
-            pool_limiter=anyio.CapacityLimiter(node.concurrency) if device == "cpu" else None,
+            worker=rt.pool.get(self.worker_key, threads=node.concurrency) if device else None,
             materialize=node.kind == "flat_map",
             wrap=self.cuda.wrap if self.cuda is not None else None,
         )
@@ -265,10 +266,8 @@ class FunctionRunner(Runner):
         try:
             if is_async(method):
                 await method()
-            elif device not in (None, "cpu"):
+            elif device is not None:
                 await self.rt.pool.get(self.worker_key).run(method)
-            elif device == "cpu":
-                await anyio.to_thread.run_sync(method)
             else:
                 method()
         except Exception as exc:
@@ -564,8 +563,7 @@ class FunctionRunner(Runner):
             return False, None
         if isinstance(policy, DeadLetter):
             failed = FailedItem(self.rt.name, self.name, msg.value, msg.meta, exc, attempts)
-            sink = policy.sink
-            await (sink(failed) if callable(sink) else sink.send(failed))
+            await policy.deliver(failed)
             self._handled("dead_letter", msg, attempts, exc)
             msg._done(DEAD_LETTERED)
             return False, None
@@ -611,8 +609,7 @@ class FunctionRunner(Runner):
             else:
                 assert isinstance(policy, DeadLetter)
                 failed = FailedItem(self.rt.name, self.name, item, meta, error, 1)
-                sink = policy.sink
-                await (sink(failed) if callable(sink) else sink.send(failed))
+                await policy.deliver(failed)
                 done, name = DEAD_LETTERED, "dead_letter"
             self._log_handled(name, item, meta, 1, error, index=index)
             if members is not None:

@@ -7,11 +7,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import structlog
 
 from ._channel import Channel
 from ._devices import WorkerPool
 from ._errors import StageError
+from ._logging import get_logger
 from ._message import DROPPED, Message
 from ._metrics import StageMetrics
 from ._runners import Runner, SourceRunner, make_runner
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RunningFlow"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 
 class RunningFlow:
@@ -159,19 +159,24 @@ class RunningFlow:
     # -- called by runners -------------------------------------------------------------
 
     def fail(self, error: StageError) -> None:
-        """Record the first stage failure and cancel the whole flow."""
+        """Record a stage failure and cancel the whole flow. The first failure is what the
+        flow raises; one that comes while the flow is stopping is logged and attached to it
+        (``also``), so two stages failing at once are both reported."""
+        log.error(
+            "stage.error",
+            flow=self.name,
+            stage=error.stage,
+            policy="fail",
+            item=error.item,
+            phase=error.phase,
+            meta=error.meta,
+            error=repr(error.cause),
+            first=self._failure is None,
+        )
         if self._failure is None:
             self._failure = error
-            log.error(
-                "stage.error",
-                flow=self.name,
-                stage=error.stage,
-                policy="fail",
-                item=error.item,
-                phase=error.phase,
-                meta=error.meta,
-                error=repr(error.cause),
-            )
+        elif error is not self._failure:
+            self._failure.attach(error)
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 

@@ -94,3 +94,26 @@ def test_merge_of_streams_from_two_flows() -> None:
 async def test_flow_without_source() -> None:
     with pytest.raises(sf.GraphError, match="no source"):
         await sf.Flow("empty").run()
+
+
+@pytest.mark.parametrize(
+    "sink",
+    [list.append, lambda: None, lambda a, b: None, 42],
+    ids=["unbound-method", "no-argument", "two-arguments", "not-callable"],
+)
+def test_a_dead_letter_sink_that_cannot_take_an_item_fails_at_build(sink: object) -> None:
+    flow = sf.Flow("f")
+    with pytest.raises(sf.GraphError, match="stage 'm'.*dead-letter sink"):
+        flow.source("a", range(3)).map("m", abs, errors=sf.DeadLetter(sink))
+
+
+@pytest.mark.asyncio
+async def test_a_plain_function_is_a_dead_letter_sink() -> None:
+    failures: list[sf.FailedItem] = []
+    out: list[int] = []
+    flow = sf.Flow("f")
+    flow.source("a", [1, 0, 2]).map(
+        "inv", lambda x: 1 // x, errors=sf.DeadLetter(failures.append)
+    ).sink("out", sf.collect(out))
+    await flow.run()
+    assert out == [1, 0] and [f.item for f in failures] == [0]
