@@ -1,35 +1,67 @@
-"""Cost of one hop between stages: 200,000 small items through a chain of 4 map stages.
+"""Cost of one hop between stages: small items through a chain of 4 map stages.
+
+Two rows per contender, side by side in one run (rounds interleaved, so drift hits every
+contender alike):
+
+- queued: the source is far ahead (an iterator), so every stage finds items waiting;
+- trickle: one item at a time (the next one enters when the previous one reached the sink),
+  so each item goes through alone: the latency of a hop with nothing queued.
 
 Prints microseconds per item per hop for streamflow (metrics and acks on), a bare
-asyncio.Queue(16) chain and an aiostream pipe.map chain, and the ratio to asyncio.Queue.
-Run: .venv/bin/python benchmarks/hop.py [--items N] [--repeats R]
+asyncio.Queue(16) chain, an aiostream pipe.map chain and, when it is installed, Bytewax
+(`pip install bytewax==0.21.*`) at input batches of 1, 100 and 1000, with the ratio to
+asyncio.Queue. Run: .venv/bin/python benchmarks/hop.py [--items N] [--repeats R]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from _common import median, table
 
 import streamflow as sf
 
 HOPS = 4  # four map stages: source -> m1 -> m2 -> m3 -> m4 -> sink
+TRICKLE_SHARE = 20  # the trickle rows move items/20 items (one at a time is slow)
 
 
 async def inc(x: int) -> int:
     return x + 1
 
 
-async def run_queue_chain(n: int) -> int:
+class Trickle:
+    """Yields ``n`` items, the next one only once the sink has the previous one."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.arrived = asyncio.Event()
+
+    def done(self) -> None:
+        self.arrived.set()
+
+    async def items(self) -> AsyncIterator[int]:
+        for i in range(self.n):
+            self.arrived.clear()
+            yield i
+            await self.arrived.wait()
+
+
+async def queue_chain(n: int, trickle: bool) -> int:
     queues = [asyncio.Queue[int | None](16) for _ in range(HOPS + 1)]
     total = 0
+    pace = Trickle(n)
 
     async def source() -> None:
-        for i in range(n):
-            await queues[0].put(i)
+        if trickle:
+            async for i in pace.items():
+                await queues[0].put(i)
+        else:
+            for i in range(n):
+                await queues[0].put(i)
         await queues[0].put(None)
 
     async def stage(q_in: asyncio.Queue[int | None], q_out: asyncio.Queue[int | None]) -> None:
@@ -41,33 +73,38 @@ async def run_queue_chain(n: int) -> int:
         nonlocal total
         while (item := await queues[-1].get()) is not None:
             total += item
+            pace.done()
 
     await asyncio.gather(source(), *(stage(queues[i], queues[i + 1]) for i in range(HOPS)), sink())
     return total
 
 
-async def run_aiostream(n: int) -> int:
+async def aiostream_chain(n: int, trickle: bool) -> int:
     from aiostream import pipe, stream
 
-    xs = stream.iterate(range(n))
+    pace = Trickle(n)
+    xs = stream.iterate(pace.items() if trickle else range(n))
     for _ in range(HOPS):
         xs = xs | pipe.map(inc, task_limit=1)
     total = 0
     async with xs.stream() as items:
         async for item in items:
             total += item
+            pace.done()
     return total
 
 
-async def run_streamflow(n: int) -> int:
+async def streamflow_chain(n: int, trickle: bool) -> int:
     total = 0
+    pace = Trickle(n)
 
     async def add(x: int) -> None:
         nonlocal total
         total += x
+        pace.done()
 
     flow = sf.Flow("hop")
-    s = flow.source("numbers", sf.iterate(range(n)))
+    s = flow.source("numbers", pace.items() if trickle else sf.iterate(range(n)))
     for i in range(HOPS):
         s = s.map(f"inc{i}", inc, capacity=16)
     s.sink("sum", add)
@@ -75,11 +112,29 @@ async def run_streamflow(n: int) -> int:
     return total
 
 
-async def timed(run: Callable[[int], Awaitable[int]], n: int) -> float:
+def bytewax_chain(batch: int) -> Callable[[int, bool], Awaitable[int]]:
+    async def run(n: int, trickle: bool) -> int:
+        import bytewax.operators as op
+        from bytewax.dataflow import Dataflow
+        from bytewax.testing import TestingSink, TestingSource, run_main
+
+        out: list[int] = []
+        flow = Dataflow("hop")
+        s = op.input("in", flow, TestingSource(range(n), batch_size=batch))
+        for i in range(HOPS):
+            s = op.map(f"inc{i}", s, lambda x: x + 1)
+        op.output("out", s, TestingSink(out))
+        run_main(flow)  # blocks this thread: nothing else runs meanwhile
+        return sum(out)
+
+    return run
+
+
+async def timed(run: Callable[[int, bool], Awaitable[int]], n: int, trickle: bool) -> float:
     t0 = time.perf_counter()
-    total = await run(n)
+    total = await run(n, trickle)
     elapsed = time.perf_counter() - t0
-    assert total == sum(range(n)) + HOPS * n, run.__name__
+    assert total == sum(range(n)) + HOPS * n, run
     return elapsed
 
 
@@ -89,28 +144,34 @@ async def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     sf.configure_logging(level="warning")
-    runs = {
-        "asyncio.Queue(16)": run_queue_chain,
-        "aiostream pipe.map": run_aiostream,
-        "streamflow": run_streamflow,
+    contenders: dict[str, Callable[[int, bool], Awaitable[int]]] = {
+        "asyncio.Queue(16)": queue_chain,
+        "aiostream pipe.map": aiostream_chain,
+        "streamflow": streamflow_chain,
     }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    await timed(run_streamflow, 10_000)  # warm up imports and caches
-    for _ in range(args.repeats):  # interleaved, so drift hits every contender alike
-        for name, run in runs.items():
-            times[name].append(await timed(run, args.items))
-    per_hop = {name: median(t) / args.items / (HOPS + 1) * 1e6 for name, t in times.items()}
-    base = per_hop["asyncio.Queue(16)"]
-    print(
-        f"{args.items:,} items, {HOPS} map stages ({HOPS + 1} channel hops), "
-        f"median of {args.repeats}"
-    )
-    print(
-        table(
-            ["chain", "us/item/hop", "x asyncio.Queue"],
-            [(name, us, us / base) for name, us in per_hop.items()],
-        )
-    )
+    bytewax = importlib.util.find_spec("bytewax") is not None
+    if bytewax:
+        for batch in (1, 100, 1000):
+            contenders[f"bytewax 0.21 (batch {batch})"] = bytewax_chain(batch)
+    rows = [(name, trickle) for trickle in (False, True) for name in contenders]
+    rows = [(n, t) for n, t in rows if not (t and n.startswith("bytewax"))]  # no pacing hook
+    times: dict[tuple[str, bool], list[float]] = {row: [] for row in rows}
+    await timed(streamflow_chain, 10_000, False)  # warm up imports and caches
+    for _ in range(args.repeats):
+        for name, trickle in rows:
+            n = args.items // TRICKLE_SHARE if trickle else args.items
+            times[name, trickle].append(await timed(contenders[name], n, trickle) / n)
+    per_hop = {row: median(t) / (HOPS + 1) * 1e6 for row, t in times.items()}
+    print(f"{args.items:,} items queued, {args.items // TRICKLE_SHARE:,} trickled, {HOPS} map "
+          f"stages ({HOPS + 1} channel hops), median of {args.repeats} interleaved rounds")
+    table_rows = []
+    for name, trickle in rows:
+        base = per_hop["asyncio.Queue(16)", trickle]
+        us = per_hop[name, trickle]
+        table_rows.append((name, "trickle" if trickle else "queued", us, us / base))
+    print(table(["chain", "items", "us/item/hop", "x asyncio.Queue"], table_rows))
+    if not bytewax:
+        print("(bytewax is not installed: pip install 'bytewax==0.21.*' adds its rows)")
 
 
 if __name__ == "__main__":

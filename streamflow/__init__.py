@@ -17,6 +17,7 @@ from ._errors import ChannelClosed as ChannelClosed
 from ._errors import ChannelFull as ChannelFull
 from ._errors import GraphError as GraphError
 from ._errors import StageError as StageError
+from ._graph import Composite as Composite
 from ._graph import Flow as Flow
 from ._graph import Stream as Stream
 from ._graph import merge as merge
@@ -35,7 +36,11 @@ from ._policy import FailedItem as FailedItem
 from ._policy import PartialFailure as PartialFailure
 from ._policy import Retry as Retry
 from ._runtime import RunningFlow as RunningFlow
+from ._spec import LOOPS as LOOPS
+from ._spec import FlowSpec as FlowSpec
+from ._spec import StageSpec as StageSpec
 from ._stage import Stage as Stage
+from ._stage import StageContext as StageContext
 
 if _TYPE_CHECKING:
     from .parallel import OnlineTrainer as OnlineTrainer
@@ -61,16 +66,19 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "LOOPS",
     "AckCallback",
     "Channel",
     "ChannelClosed",
     "ChannelFull",
     "ChannelStatistics",
+    "Composite",
     "DeadLetter",
     "ErrorPolicy",
     "FailedItem",
     "Flow",
     "FlowDescription",
+    "FlowSpec",
     "GraphError",
     "Message",
     "OnlineTrainer",
@@ -83,8 +91,10 @@ __all__ = [
     "Sink",
     "Source",
     "Stage",
+    "StageContext",
     "StageError",
     "StageMetrics",
+    "StageSpec",
     "Stream",
     "collect",
     "configure_logging",

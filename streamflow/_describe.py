@@ -1,19 +1,21 @@
-"""Render a flow graph as text and as a Mermaid diagram."""
+"""Render a flow's spec as text and as a Mermaid diagram."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ._graph import _Node
+from ._spec import FlowSpec
 
 __all__ = ["FlowDescription"]
 
 
 @dataclass(frozen=True, slots=True)
 class FlowDescription:
-    """A flow's graph: ``str(d)`` / ``d.text`` for people, ``d.mermaid`` for diagrams."""
+    """A flow's graph: ``str(d)`` / ``d.text`` for people, ``d.mermaid`` for diagrams.
+
+    Each stage's line names its loop strategy (``loop=inline``, ``loop=worker``, ...; see
+    :data:`streamflow.LOOPS`), so you can see which path a stage takes.
+    """
 
     text: str
     mermaid: str
@@ -22,46 +24,49 @@ class FlowDescription:
         return self.text
 
 
-def describe(flow: str, nodes: list[_Node]) -> FlowDescription:
-    lines = [f"flow {flow!r}"]
-    width = max((len(n.name) for n in nodes), default=0)
-    for node in nodes:
-        details: list[str] = [node.kind]
-        if node.label():
-            details.append(node.label())
-        if node.kind not in ("source", "merge"):
-            details.append(f"capacity={node.capacity}")
-            if node.overflow != "block":
-                details.append(f"overflow={node.overflow}")
-        if node.device is not None:
-            details.append(f"device={node.device}")
-        if node.concurrency > 1:
+def describe(spec: FlowSpec) -> FlowDescription:
+    stages = spec.stages
+    lines = [f"flow {spec.name!r}"]
+    width = max((len(s.name) for s in stages), default=0)
+    for stage in stages:
+        details: list[str] = [stage.kind]
+        if stage.label:
+            details.append(stage.label)
+        if stage.has_inbox:
+            details.append(f"capacity={stage.capacity}")
+            if stage.overflow != "block":
+                details.append(f"overflow={stage.overflow}")
+        if stage.device is not None:
+            details.append(f"device={stage.device}")
+        if stage.concurrency > 1:
             details.append(
-                f"concurrency={node.concurrency}" + ("" if node.ordered else " unordered")
+                f"concurrency={stage.concurrency}" + ("" if stage.ordered else " unordered")
             )
-        if node.errors != "fail":
-            details.append(f"errors={node.errors!r}")
-        if node.kind == "batch":
+        if stage.errors != "fail":
+            details.append(f"errors={stage.errors!r}")
+        if stage.kind == "batch" and stage.options is not None:
             details.append(
-                f"max_size={node.options['max_size']} max_wait={node.options['max_wait']}"
+                f"max_size={stage.options['max_size']} max_wait={stage.options['max_wait']}"
             )
-        out = ", ".join(c.name for c in node.consumers) or "-"
-        lines.append(f"  {node.name:<{width}}  {' '.join(details)}  -> {out}")
+        if stage.kind != "merge":
+            details.append(f"loop={stage.loop}")
+        out = ", ".join(stage.consumers) or "-"
+        lines.append(f"  {stage.name:<{width}}  {' '.join(details)}  -> {out}")
 
-    ids = {node.name: f"n{i}" for i, node in enumerate(nodes)}
+    ids = {stage.name: f"n{i}" for i, stage in enumerate(stages)}
     chart = ["flowchart LR"]
-    for node in nodes:
-        label = f"{node.name}<br/>{node.kind}" + (f" @ {node.device}" if node.device else "")
+    for stage in stages:
+        label = f"{stage.name}<br/>{stage.kind}" + (f" @ {stage.device}" if stage.device else "")
         label = label.replace('"', "'")
         shape = {
             "source": ('[/"', '"/]'),
             "sink": ('[\\"', '"\\]'),
             "merge": ('(("', '"))'),
-        }.get(node.kind, ('["', '"]'))
-        chart.append(f"    {ids[node.name]}{shape[0]}{label}{shape[1]}")
+        }.get(stage.kind, ('["', '"]'))
+        chart.append(f"    {ids[stage.name]}{shape[0]}{label}{shape[1]}")
     chart.extend(
-        f"    {ids[node.name]} --> {ids[consumer.name]}"
-        for node in nodes
-        for consumer in node.consumers
+        f"    {ids[stage.name]} --> {ids[consumer]}"
+        for stage in stages
+        for consumer in stage.consumers
     )
     return FlowDescription("\n".join(lines), "\n".join(chart))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 from ._calls import is_async
 from ._channel import _OVERFLOWS, Overflow
@@ -13,6 +14,7 @@ from ._devices import parse_device
 from ._errors import GraphError
 from ._io import Sink, Source, iterate
 from ._policy import ErrorPolicy, check_policy
+from ._spec import FlowSpec, Kind, StageSpec, choose_loop
 from ._stage import Stage
 
 if TYPE_CHECKING:
@@ -21,19 +23,23 @@ if TYPE_CHECKING:
     from ._metrics import StageMetrics
     from ._runtime import RunningFlow
 
-__all__ = ["Flow", "Stream", "merge"]
+__all__ = ["Composite", "Flow", "Stream", "merge"]
 
 T = TypeVar("T")
 U = TypeVar("U")
 
-Kind = Literal["source", "map", "filter", "flat_map", "batch", "unbatch", "sink", "merge"]
 
+@runtime_checkable
+class Composite(Protocol):
+    """What ``stream.map(name, composite)`` accepts besides functions and stages: an object
+    that adds its own stages after ``stream`` and returns the stream they end in (a
+    pipelined model, an online trainer). Its stages are named ``name``, ``name[0]``, ...
 
-class _Composite(Protocol):
-    """What ``Stream.map`` accepts besides functions and stages: an object that adds its own
-    stages (a pipelined model, an online trainer) and returns the stream they end in."""
+    It receives the map's ``capacity``, ``overflow`` and ``errors``; it chooses device,
+    concurrency, order and envelope itself, so ``map`` refuses those options for it.
+    """
 
-    def __streamflow_expand__(
+    def add_stages(
         self,
         stream: Stream[Any],
         name: str,
@@ -46,7 +52,8 @@ class _Composite(Protocol):
 
 @dataclass(eq=False)
 class _Node:
-    """One named vertex of the graph; the runtime turns it into a task (merge: a junction)."""
+    """One named vertex of the graph as it is being built (see :meth:`Flow.spec` for the
+    frozen form the runtime reads)."""
 
     name: str
     kind: Kind
@@ -68,6 +75,45 @@ class _Node:
         if isinstance(fn, Stage):
             return repr(fn) if type(fn).__repr__ is not object.__repr__ else type(fn).__name__
         return _fn_name(fn)
+
+    def spec(self) -> StageSpec:
+        """This node, frozen, with its loop strategy chosen."""
+        return StageSpec(
+            name=self.name,
+            kind=self.kind,
+            fn=self.fn,
+            label=self.label(),
+            loop=choose_loop(
+                self.kind,
+                self.fn,
+                device=self.device,
+                concurrency=self.concurrency,
+                ordered=self.ordered,
+                envelope=self.envelope,
+            ),
+            inputs=tuple(n.name for n in self.inputs),
+            consumers=tuple(n.name for n in self.consumers),
+            outputs=tuple(n.name for n in _readers(self.consumers)),
+            capacity=self.capacity,
+            overflow=self.overflow,
+            device=self.device,
+            concurrency=self.concurrency,
+            ordered=self.ordered,
+            errors=self.errors,
+            envelope=self.envelope,
+            options=MappingProxyType(dict(self.options)),
+        )
+
+
+def _readers(consumers: list[_Node]) -> list[_Node]:
+    """Consumers with merge junctions replaced by what reads them."""
+    out: list[_Node] = []
+    for node in consumers:
+        if node.kind == "merge":
+            out.extend(_readers(node.consumers))
+        else:
+            out.append(node)
+    return out
 
 
 def _fn_name(fn: Any) -> str:
@@ -137,6 +183,18 @@ class Flow:
 
     # -- running -----------------------------------------------------------------------
 
+    def spec(self) -> FlowSpec:
+        """The validated graph, frozen: what the runtime runs (the builder can go on
+        changing without affecting it).
+
+        :raises GraphError: the graph is not valid (see :meth:`validate`).
+        """
+        self.validate()
+        return self._freeze()
+
+    def _freeze(self) -> FlowSpec:
+        return FlowSpec(self.name, tuple(node.spec() for node in self._nodes.values()))
+
     def start(self) -> RunningFlow:
         """Start the flow; use as ``async with flow.start() as running:``.
 
@@ -145,8 +203,18 @@ class Flow:
         """
         from ._runtime import RunningFlow
 
-        self.validate()
-        return RunningFlow(self)
+        return RunningFlow(self.spec(), owner=self)
+
+    def run_starting(self) -> None:
+        """Called by the run this flow started, as it starts (one run at a time)."""
+        if self._running:
+            raise RuntimeError(f"flow {self.name!r} is already running")
+        self._running = True
+
+    def run_ended(self, metrics: dict[str, StageMetrics]) -> None:
+        """Called by the run this flow started, when it has stopped: its last metrics."""
+        self._last_metrics = metrics
+        self._running = False
 
     async def run(self) -> None:
         """Run until every source is exhausted and every item has reached the sinks.
@@ -161,10 +229,11 @@ class Flow:
         return dict(self._last_metrics)
 
     def describe(self) -> FlowDescription:
-        """The graph as text (``str(...)``) and as a Mermaid diagram (``.mermaid``)."""
+        """The graph as text (``str(...)``) and as a Mermaid diagram (``.mermaid``), with
+        each stage's loop strategy (see :data:`streamflow.LOOPS`)."""
         from ._describe import describe
 
-        return describe(self.name, list(self._nodes.values()))
+        return describe(self._freeze())
 
     # -- validation --------------------------------------------------------------------
 
@@ -249,7 +318,7 @@ class Stream(Generic[T]):
     def map(
         self,
         name: str,
-        fn: Callable[[T], Any] | Stage[T, Any] | _Composite,
+        fn: Callable[[T], Any] | Stage[T, Any] | Composite,
         *,
         capacity: int = 16,
         overflow: Overflow = "block",
@@ -261,15 +330,27 @@ class Stream(Generic[T]):
     ) -> Stream[Any]:
         """Apply ``fn`` (``def``, ``async def`` or a :class:`~streamflow.Stage`) to each item.
 
-        ``fn`` may also be a composite such as a :func:`~streamflow.pipeline`: it then adds
-        its own stages, named ``name[0]``, ``name[1]``, ... (``device`` is theirs to choose).
+        ``fn`` may also be a :class:`~streamflow.Composite` such as a
+        :func:`~streamflow.pipeline`: it then adds its own stages, named ``name[0]``,
+        ``name[1]``, ...; it takes ``capacity``, ``overflow`` and ``errors``, and chooses
+        ``device``, ``concurrency``, ``ordered`` and ``envelope`` itself (giving one is a
+        :class:`~streamflow.GraphError`).
         """
-        expand = getattr(fn, "__streamflow_expand__", None)
-        if expand is not None:
-            _check_options(name, "sink", None, capacity, overflow, None, concurrency, errors)
-            return expand(  # type: ignore[no-any-return]
-                self, name, capacity=capacity, overflow=overflow, errors=errors
-            )
+        if isinstance(fn, Composite):
+            given = {
+                "device": device is not None,
+                "concurrency": concurrency != 1,
+                "ordered": ordered is not True,
+                "envelope": envelope is not False,
+            }
+            refused = [option for option, set_ in given.items() if set_]
+            if refused:
+                raise GraphError(
+                    f"stage {name!r}: {type(fn).__name__} adds stages of its own and chooses "
+                    f"{', '.join(refused)} itself; it takes only capacity, overflow and errors"
+                )
+            _check_options(name, "sink", None, capacity, overflow, None, 1, errors)
+            return fn.add_stages(self, name, capacity=capacity, overflow=overflow, errors=errors)
         return self._then(
             name, "map", fn, capacity, overflow, device, concurrency, ordered, errors, envelope
         )

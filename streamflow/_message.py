@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -84,9 +85,11 @@ class _Ack:
 
     __slots__ = ("callback", "counter", "outcome", "pending")
 
-    def __init__(self, callback: AckCallback | None) -> None:
+    def __init__(
+        self, callback: AckCallback | None, counter: defaultdict[int, int] | None = None
+    ) -> None:
         self.callback = callback
-        self.counter: Callable[[int], None] | None = None
+        self.counter = counter  # the source's outcome counts
         self.pending = 1
         self.outcome = 0
 
@@ -95,7 +98,7 @@ class _Ack:
         self.pending -= 1
         if self.pending == 0:
             if self.counter is not None:
-                self.counter(self.outcome)
+                self.counter[self.outcome] += 1
             if self.callback is not None:
                 self.callback(Outcome(self.outcome))
 

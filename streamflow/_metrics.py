@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
-from ._message import Outcome
+from ._message import Message, Outcome
 
 __all__ = ["StageMetrics"]
 
@@ -17,8 +19,9 @@ class StageMetrics:
     """A snapshot of one stage's counters.
 
     ``busy`` is the fraction of the stage's running time spent inside its function.
-    Latencies are over the last 2048 items: ``latency_*`` is the time the stage spent on an
-    item, ``end_to_end_*`` (sinks only) the time since the item left its source.
+    Latencies are over the last 2048 samples: ``latency_*`` is the time the stage spent on
+    an item (for items handled as one run, the run's mean per item), ``end_to_end_*`` (sinks
+    only) the time since the item left its source.
     ``outcomes`` (sources only) counts acknowledged source items by outcome name.
     """
 
@@ -72,7 +75,7 @@ class _Counters:
         self.lat_i = 0
         self.e2e: list[float] = []
         self.e2e_i = 0
-        self.outcomes: dict[int, int] = {}  # by Outcome value
+        self.outcomes: defaultdict[int, int] = defaultdict(int)  # by Outcome value
         self.started = time.perf_counter()
         self.stopped: float | None = None
 
@@ -86,16 +89,29 @@ class _Counters:
             lat[self.lat_i] = seconds
             self.lat_i = (self.lat_i + 1) & (_SAMPLES - 1)
 
-    def record_e2e(self, seconds: float) -> None:
-        e2e = self.e2e
-        if len(e2e) < _SAMPLES:
-            e2e.append(seconds)
+    def record_run(self, seconds: float, n: int) -> None:
+        """A run of ``n`` items came in and took ``seconds`` in all: one latency sample,
+        the mean."""
+        self.items_in += n
+        self.busy_s += seconds
+        sample = seconds / n
+        lat = self.lat
+        if len(lat) < _SAMPLES:
+            lat.append(sample)
         else:
-            e2e[self.e2e_i] = seconds
-            self.e2e_i = (self.e2e_i + 1) & (_SAMPLES - 1)
+            lat[self.lat_i] = sample
+            self.lat_i = (self.lat_i + 1) & (_SAMPLES - 1)
 
-    def count_outcome(self, outcome: int) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+    def record_arrivals(self, now: float, msgs: list[Message[Any]]) -> None:
+        """A run of messages reached a sink at ``now``: each one's end-to-end latency."""
+        e2e, i = self.e2e, self.e2e_i
+        for msg in msgs:
+            if len(e2e) < _SAMPLES:
+                e2e.append(now - msg._born)
+            else:
+                e2e[i] = now - msg._born
+                i = (i + 1) & (_SAMPLES - 1)
+        self.e2e_i = i
 
     def snapshot(self, stage: str, kind: str, depth: int, capacity: int) -> StageMetrics:
         end = self.stopped if self.stopped is not None else time.perf_counter()

@@ -136,8 +136,7 @@ def _check_sink(sink: object, stage: str) -> None:
     target = _target(sink)
     if not callable(target):
         raise GraphError(
-            f"stage {stage!r}: the dead-letter sink must be a callable or have send(), "
-            f"got {sink!r}"
+            f"stage {stage!r}: the dead-letter sink must be a callable or have send(), got {sink!r}"
         )
     try:
         signature = inspect.signature(target)

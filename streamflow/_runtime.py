@@ -4,27 +4,38 @@ from __future__ import annotations
 
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
-from ._channel import Channel
+from ._channel import Channel, ReceiveEnd
 from ._devices import WorkerPool
 from ._errors import StageError
 from ._logging import get_logger
+from ._loops import LOOP_RUNNERS
 from ._message import DROPPED, Message
 from ._metrics import StageMetrics
-from ._runners import Runner, SourceRunner, make_runner
+from ._runners import BatchRunner, FunctionRunner, Runner, UnbatchRunner
+from ._source_runner import SourceRunner
+from ._spec import FlowSpec, StageSpec
 from ._stage import Stage
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from ._graph import Flow, _Node
-
-__all__ = ["RunningFlow"]
+__all__ = ["RunOwner", "RunningFlow"]
 
 log = get_logger("streamflow")
+
+
+class RunOwner(Protocol):
+    """Who started a run (the :class:`~streamflow.Flow`): the one hand-off between a run and
+    the builder. ``run_starting`` raises if the owner has a run going already;
+    ``run_ended`` gets the run's last metrics."""
+
+    def run_starting(self) -> None: ...
+
+    def run_ended(self, metrics: dict[str, StageMetrics]) -> None: ...
 
 
 class RunningFlow:
@@ -33,9 +44,10 @@ class RunningFlow:
     Use it as an async context manager; leaving the block drains the flow.
     """
 
-    def __init__(self, flow: Flow) -> None:
-        self.flow = flow
-        self.name = flow.name
+    def __init__(self, spec: FlowSpec, owner: RunOwner | None = None) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self._owner = owner
         self.pool = WorkerPool()
         self._runners: list[Runner] = []
         self._by_name: dict[str, Runner] = {}
@@ -53,14 +65,12 @@ class RunningFlow:
     # -- life cycle --------------------------------------------------------------------
 
     async def __aenter__(self) -> RunningFlow:
-        flow = self.flow
-        if flow._running:
-            raise RuntimeError(f"flow {self.name!r} is already running")
-        flow._running = True
+        if self._owner is not None:
+            self._owner.run_starting()
         try:
-            self._wire(list(flow._nodes.values()))
+            self._wire(self.spec)
         except BaseException:
-            flow._running = False
+            self._hand_back({})
             raise
         self._started_at = time.perf_counter()
         self._tg = anyio.create_task_group()
@@ -106,16 +116,19 @@ class RunningFlow:
             return True
         raise exc.with_traceback(tb)
 
+    def _hand_back(self, metrics: dict[str, StageMetrics]) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.run_ended(metrics)
+
     def _finish(self) -> None:
-        self.flow._last_metrics = self.metrics()
-        self.flow._running = False
+        metrics = self.metrics()
+        self._hand_back(metrics)
         if self._failure is not None:
             self._stop_reason = "failed"
         elif self._stop_reason == "completed" and not self._finished.is_set():
             self._stop_reason = "cancelled"
-        totals = {
-            name: m.items_out for name, m in self.flow._last_metrics.items() if m.kind == "sink"
-        }
+        totals = {name: m.items_out for name, m in metrics.items() if m.kind == "sink"}
         log.info(
             "flow.stop",
             flow=self.name,
@@ -148,10 +161,10 @@ class RunningFlow:
         """Per-stage counters, queue depth, busy fraction and latency, by stage name."""
         result = {}
         for runner in self._runners:
-            inbox = runner.inbox
+            inbox = self._inboxes.get(runner.name)
             depth, capacity = (len(inbox), inbox.capacity) if inbox is not None else (0, 0)
-            result[runner.name] = runner.c.snapshot(runner.name, runner.node.kind, depth, capacity)
-            stage = runner.node.fn
+            result[runner.name] = runner.c.snapshot(runner.name, runner.spec.kind, depth, capacity)
+            stage = runner.spec.fn
             if isinstance(stage, Stage):
                 result.update(stage.sub_metrics())
         return result
@@ -194,22 +207,18 @@ class RunningFlow:
 
     # -- wiring ------------------------------------------------------------------------
 
-    def _wire(self, nodes: list[_Node]) -> None:
-        for node in nodes:
-            if node.kind in ("source", "merge"):
-                continue
-            self._inboxes[node.name] = Channel(
-                node.capacity, node.overflow, on_drop=self._dropper(node.name)
-            )
-        for node in nodes:
-            if node.kind == "merge":
-                continue
-            runner = make_runner(self, node, self._inboxes.get(node.name))
-            for consumer in _expand(node.consumers):
-                inbox = self._inboxes[consumer.name]
-                inbox._add_writer()
-                runner.outboxes.append(inbox)
-                runner.out_names.append(consumer.name)
+    def _wire(self, spec: FlowSpec) -> None:
+        stages = [s for s in spec.stages if s.kind != "merge"]
+        for stage in stages:
+            if stage.has_inbox:
+                self._inboxes[stage.name] = Channel(
+                    stage.capacity, stage.overflow, on_drop=self._dropper(stage.name)
+                )
+        for stage in stages:
+            inbox = self._inboxes.get(stage.name)
+            runner = self._runner(stage, inbox.receiver() if inbox is not None else None)
+            for reader in stage.outputs:
+                runner.connect(self._inboxes[reader].sender(), reader)
             self._runners.append(runner)
             if isinstance(runner, SourceRunner):
                 self._sources.append(runner)
@@ -217,20 +226,19 @@ class RunningFlow:
         self._pending = len(self._runners)
         self._pending_workers = len(self._runners) - len(self._sources)
 
+    def _runner(self, spec: StageSpec, recv: ReceiveEnd[Message[Any]] | None) -> Runner:
+        if spec.kind == "source":
+            return SourceRunner(self, spec)
+        assert recv is not None
+        if spec.kind == "batch":
+            return BatchRunner(self, spec, recv)
+        if spec.kind == "unbatch":
+            return UnbatchRunner(self, spec, recv)
+        return FunctionRunner(self, spec, recv, LOOP_RUNNERS[spec.loop])
+
     def _dropper(self, stage: str) -> Any:
         def dropped(msg: Message[Any]) -> None:
             self._by_name[stage].c.dropped += 1
             msg._done(DROPPED)
 
         return dropped
-
-
-def _expand(consumers: list[_Node]) -> list[_Node]:
-    """Consumers with merge junctions replaced by what reads them."""
-    out: list[_Node] = []
-    for node in consumers:
-        if node.kind == "merge":
-            out.extend(_expand(node.consumers))
-        else:
-            out.append(node)
-    return out

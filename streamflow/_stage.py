@@ -1,4 +1,4 @@
-"""Class stages with a life cycle."""
+"""Class stages with a life cycle, and the context the runtime hands them."""
 
 from __future__ import annotations
 
@@ -6,29 +6,52 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from ._devices import WorkerPool
+    from ._devices import Worker, WorkerPool
     from ._metrics import StageMetrics
 
-__all__ = ["Stage"]
+__all__ = ["Stage", "StageContext"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
 
 
+class StageContext:
+    """What the running flow gives a stage in ``setup(context)``: the flow's and the
+    stage's names, the stage's ``device``, and the flow's device workers.
+
+    ``context.worker("cpu:1")`` is the flow's worker thread for that device (the same one
+    every stage pinned there shares; ``await worker.run(fn, *args)`` runs ``fn`` on it). A
+    worker named ``"<device>/<anything>"`` is a thread of its own. Workers live until the
+    flow has stopped.
+    """
+
+    __slots__ = ("_pool", "device", "flow", "stage")
+
+    def __init__(self, flow: str, stage: str, device: str | None, pool: WorkerPool) -> None:
+        self.flow = flow
+        self.stage = stage
+        self.device = device
+        self._pool = pool
+
+    def worker(self, name: str) -> Worker:
+        """The flow's worker thread called ``name`` (created on first use)."""
+        return self._pool.get(name)
+
+    def __repr__(self) -> str:
+        return f"StageContext(flow={self.flow!r}, stage={self.stage!r}, device={self.device!r})"
+
+
 class Stage(Generic[In, Out]):
     """A stage with state and a life cycle; use it as ``stream.map("name", MyStage())``.
 
-    ``setup()`` runs once before the first item, ``process(item)`` once per item, and
-    ``teardown()`` once after the stage's last item, also when the flow fails or is
-    cancelled. Each may be ``async def`` (runs on the event loop) or a plain ``def`` (runs on
-    the stage's device worker, or on the loop when ``device=None``). ``self.device`` holds the
-    stage's device string while it runs.
+    ``setup(context)`` runs once before the first item (``context`` is a
+    :class:`StageContext`; a ``setup(self)`` without it is called without), ``process(item)``
+    once per item, and ``teardown()`` once after the stage's last item, also when the flow
+    fails or is cancelled. Each may be ``async def`` (runs on the event loop) or a plain
+    ``def`` (runs on the stage's device worker, or on the loop when ``device=None``).
     """
 
-    device: str | None = None
-    _workers: WorkerPool | None = None  # the running flow's device workers (set by the runtime)
-
-    def setup(self) -> Any:
+    def setup(self, context: StageContext) -> Any:
         """Prepare (load a model, open a client). Called before the first item."""
         return None
 

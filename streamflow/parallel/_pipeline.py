@@ -7,19 +7,20 @@ import os
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+import anyio
 import torch
 from torch import nn
 
 from .._channel import Channel
 from .._cuda import CudaPlacement
-from .._devices import Worker, WorkerPool, resolve_future
-from .._errors import ChannelClosed
+from .._devices import Worker, resolve_future
 from .._graph import Flow
 from .._io import iterate
 from .._metrics import StageMetrics, _Counters
-from .._stage import Stage
+from .._stage import Stage, StageContext
 from ._devices import intra_op_threads, torch_device
 from ._forward import layer_chain
 from ._layers import named_layers
@@ -155,7 +156,7 @@ class Pipeline:
                 x = part.forward(x)
         return x
 
-    def __streamflow_expand__(
+    def add_stages(
         self,
         stream: Stream[Any],
         name: str,
@@ -173,36 +174,42 @@ class Pipeline:
             concurrency=1 if self.inline else self.in_flight,
         )
 
-    async def stream(self, items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
-        """Run the pipeline over ``items`` without writing a flow; yields outputs in order.
+    @asynccontextmanager
+    async def open(self, items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Channel[Any]]:
+        """Run the pipeline over ``items`` without writing a flow::
 
-        The flow runs in a task of its own. To leave early, iterate inside
-        ``contextlib.aclosing(pipe.stream(items))``: closing cancels the flow and joins its
-        threads at once (otherwise that happens when the generator is garbage collected).
+            async with pipe.open(frames) as outputs:
+                async for y in outputs:  # in input order
+                    ...
+
+        The flow runs in a task group that the block owns: leaving the block early (a
+        ``break``, an error) cancels the flow and joins its threads before the block ends.
+        A failure of the flow ends ``outputs`` and is raised when the block ends.
+
+        :raises StageError: a part failed.
         """
         out: Channel[Any] = Channel(self.in_flight)
         flow = Flow("pipeline")
         flow.source("items", iterate(items)).map("model", self).sink("out", out.send)
+        failure: list[Exception] = []
 
         async def run() -> None:
             try:
                 await flow.run()
+            except Exception as exc:  # raised below, unwrapped from the task group
+                failure.append(exc)
             finally:
                 out.close()
 
-        task = asyncio.ensure_future(run())
-        try:
-            while True:
-                try:
-                    y = await out.receive()
-                except ChannelClosed:
-                    break
-                yield y
-            await task  # re-raise a failure of the flow
-        finally:
-            if not task.done():
-                task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            try:
+                yield out
+            finally:
+                if not (out.closed and len(out) == 0):
+                    tg.cancel_scope.cancel()  # left early: stop the flow now
+        if failure:
+            raise failure[0]
 
 
 class PipelineError(Exception):
@@ -293,7 +300,6 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
         self.pipe = pipe
         self.name = name
         self.workers: list[Worker] = []
-        self._own: WorkerPool | None = None
         self._ready: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
         self._wake_pending = False
         self._started = 0  # samples handed to the first part (written by the loop only)
@@ -305,34 +311,27 @@ class _PipelineStage(Stage[torch.Tensor, torch.Tensor]):
         )
         return f"pipeline [{parts}]" + (" inline" if self.pipe.inline else "")
 
-    async def setup(self) -> None:
+    async def setup(self, context: StageContext) -> None:
         """Place each part on its device's worker: the flow's own worker for that device
-        (shared with other stages pinned there) or, outside a flow, a private one. A second
-        part on the same GPU gets a thread of its own, so that its stream runs beside the
-        first part's instead of after it."""
+        (shared with other stages pinned there). A second part on the same GPU gets a
+        thread of its own, so that its stream runs beside the first part's instead of
+        after it."""
         if self.pipe.inline:
             part = self.pipe.parts[0]
             part.counters = _Counters()
             part.module.eval()
             return
-        pool = self._workers
-        if pool is None:
-            pool = self._own = WorkerPool()
         placed: set[str] = set()
         workers = []
         for p in self.pipe.parts:
             again = p.is_cuda and p.target in placed
             placed.add(p.target)
-            workers.append(pool.get(f"{p.target}/{self.name}[{p.index}]" if again else p.target))
+            name = f"{p.target}/{self.name}[{p.index}]" if again else p.target
+            workers.append(context.worker(name))
         self.workers = workers
         for part, worker in zip(self.pipe.parts, self.workers, strict=True):
             part.counters = _Counters()
             await worker.run(part.prepare)
-
-    async def teardown(self) -> None:
-        if self._own is not None:
-            await self._own.aclose()
-            self._own = None
 
     def process(self, item: torch.Tensor) -> asyncio.Future[torch.Tensor] | torch.Tensor:
         """Start ``item`` on the first part's thread; the future resolves on the loop.

@@ -18,7 +18,7 @@ from torch import nn
 
 from .._devices import Worker, resolve_future
 from .._metrics import StageMetrics, _Counters
-from .._stage import Stage
+from .._stage import Stage, StageContext
 from ._devices import intra_op_threads
 from ._layers import named_layers
 from ._pipeline import _resolve_devices
@@ -187,7 +187,7 @@ class OnlineTrainer:
         else:
             self._whole.load_state_dict(state)
 
-    def __streamflow_expand__(
+    def add_stages(
         self,
         stream: Stream[Any],
         name: str,
@@ -281,7 +281,7 @@ class _TrainerStage(Stage[Any, torch.Tensor]):
         )
         return f"trainer {self.schedule.name} [{parts}]"
 
-    async def setup(self) -> None:
+    async def setup(self, context: StageContext) -> None:
         trainer = self.trainer
         if trainer._running:
             raise RuntimeError("this OnlineTrainer already runs in a flow; use one at a time")

@@ -145,6 +145,9 @@ async def test_sync_class_stage_runs_on_its_worker_and_tears_down_on_failure() -
     torn_down = []
 
     class Boom(sf.Stage[int, int]):
+        def setup(self, context: sf.StageContext) -> None:
+            self.device = context.device
+
         def process(self, item: int) -> int:
             threads.add(threading.current_thread().name)
             if item == 3:

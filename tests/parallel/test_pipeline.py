@@ -5,7 +5,6 @@ import itertools
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import pytest
@@ -119,9 +118,10 @@ async def test_stream_without_a_flow_and_early_exit() -> None:
     model = mlp()
     frames = [torch.randn(1, 32) for _ in range(20)]
     pipe = sf.pipeline(model, ["cpu:0", "cpu:1"], frames[0], partition=[6, 6])
-    got = [y async for y in pipe.stream(frames)]
+    async with pipe.open(frames) as outputs:
+        got = [y async for y in outputs]
     assert_same(got, reference(model, frames))
-    async with aclosing(pipe.stream(frames * 100)) as outputs:
+    async with pipe.open(frames * 100) as outputs:
         async for _ in outputs:
             break  # leaving early cancels the flow and joins its threads
     assert not [t for t in threading.enumerate() if t.name.startswith("streamflow-")]

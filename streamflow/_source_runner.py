@@ -1,0 +1,153 @@
+"""The task behind a source: pull items, wrap them in envelopes, feed the graph."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack
+from itertools import islice
+from typing import Any
+
+import anyio
+
+from ._errors import ChannelClosed
+from ._io import _AsyncIter, iterate
+from ._message import Message, _Ack
+from ._runners import Runner, Supervisor
+from ._spec import StageSpec
+
+__all__ = ["SourceRunner"]
+
+_perf = time.perf_counter
+_CHECKPOINT = 256  # yield to the loop at least this often when the source never waits
+
+
+class SourceRunner(Runner):
+    """Pulls items from a source in runs (as many as the outputs have room for when the
+    source already holds them), wraps them in envelopes and feeds the graph."""
+
+    def __init__(self, rt: Supervisor, spec: StageSpec) -> None:
+        super().__init__(rt, spec, None)
+        self._stopping = False
+        self._scope: anyio.CancelScope | None = None
+
+    def stop(self) -> None:
+        """Stop pulling. An item already pulled is still sent (nothing taken is lost)."""
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _wrap(self, items: list[Any], born: float) -> list[Message[Any]]:
+        counter = self.c.outcomes
+        msgs = []
+        for item in items:
+            if type(item) is Message:
+                msg = item
+                if msg._ack is None:
+                    msg._ack = _Ack(None, counter)
+                else:
+                    msg._ack.counter = counter
+            else:
+                msg = Message.__new__(Message)
+                msg.value = item
+                msg.meta = None
+                msg._ack = _Ack(None, counter)
+            msg._born = born
+            msgs.append(msg)
+        self.c.items_out += len(msgs)
+        return msgs
+
+    def _room(self) -> int:
+        """How many items every output can take now (at least 1: then the send waits)."""
+        return max(min(s.channel.room() for s in self.sends), 1)
+
+    async def _body(self) -> None:
+        source = self.spec.fn
+        async with AsyncExitStack() as stack:
+            if hasattr(source, "__aenter__"):
+                await stack.enter_async_context(source)
+            try:
+                if isinstance(source, iterate) and isinstance(it := aiter(source), _AsyncIter):
+                    await self._pull_sync(it._it)
+                else:
+                    await self._pull(aiter(source), getattr(source, "receive_nowait", None))
+            finally:
+                self.close_outputs()
+            # keep the source open until every item has been handled, so it can commit
+            await self.rt.wait_drained()
+
+    async def _pull_sync(self, it: Iterator[Any]) -> None:
+        emit, since = self.emit, 0
+        while not self._stopping:
+            items = list(islice(it, self._room()))
+            if not items:
+                return
+            await emit(self._wrap(items, _perf()))
+            since += len(items)
+            if since >= _CHECKPOINT:
+                since = 0
+                await asyncio.sleep(0)
+
+    async def _pull(self, it: AsyncIterator[Any], receive_nowait: Callable[[], Any] | None) -> None:
+        """Pull until the source ends or the flow stops it. A source with ``receive_nowait()``
+        (an item it already holds, or ``asyncio.QueueEmpty``) is read in runs without
+        awaiting; ``__anext__`` is awaited, cancellably, only when it has nothing.
+
+        ``stop()`` cancels only a waiting ``__anext__``: one cancel scope covers the pulls
+        and the sends that fit at once, and a send that has to wait for room happens
+        outside it, so an item already pulled is never lost."""
+        emit, put, since = self.emit, self.put, 0
+        try:
+            while not self._stopping:
+                if receive_nowait is not None:
+                    items, ended = _held(receive_nowait, self._room())
+                    if items:
+                        msgs = self._wrap(items, _perf())
+                        if not put(msgs):
+                            await emit(msgs)
+                        since += len(items)
+                        if since >= _CHECKPOINT:
+                            since = 0
+                            await asyncio.sleep(0)
+                    if ended:
+                        return
+                    if items:
+                        continue
+                blocked: list[Message[Any]] | None = None
+                with anyio.CancelScope() as scope:
+                    self._scope = scope
+                    try:
+                        while not self._stopping:
+                            msgs = self._wrap([await it.__anext__()], _perf())
+                            if not put(msgs):
+                                blocked = msgs
+                                break
+                            if receive_nowait is not None:
+                                break  # it may hold more now: read them in a run
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        self._scope = None
+                if scope.cancelled_caught:
+                    return
+                if blocked is not None:
+                    await emit(blocked)
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+def _held(receive_nowait: Callable[[], Any], limit: int) -> tuple[list[Any], bool]:
+    """Up to ``limit`` items the source holds now, and whether it has ended."""
+    items: list[Any] = []
+    while len(items) < limit:
+        try:
+            items.append(receive_nowait())
+        except asyncio.QueueEmpty:
+            return items, False
+        except (StopAsyncIteration, ChannelClosed):
+            return items, True
+    return items, False
