@@ -10,6 +10,7 @@ from ._append import CsvSink as CsvSink
 from ._append import DeadLetterFile as DeadLetterFile
 from ._append import JsonLinesSink as JsonLinesSink
 from ._append import LinesSink as LinesSink
+from ._lines import CsvHeaderError as CsvHeaderError
 from ._lines import CsvSource as CsvSource
 from ._lines import JsonLinesSource as JsonLinesSource
 from ._lines import LinesSource as LinesSource
@@ -22,6 +23,7 @@ from ._tensorfiles import TensorFileSource as TensorFileSource
 
 __all__ = [
     "Checkpoint",
+    "CsvHeaderError",
     "CsvSink",
     "CsvSource",
     "DeadLetterFile",

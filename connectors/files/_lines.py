@@ -11,20 +11,24 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 import streamflow as sf
 
+from .._errors import ConnectorError
 from .._inorder import InOrder
 from .._record import Record
 from ..codecs import JSON, TEXT, Codec, CsvCodec
 from ._position import Checkpoint, FilePosition
+from ._split import PAUSE, Piece, Splitter
 
-__all__ = ["CsvSource", "JsonLinesSource", "LinesSource"]
+__all__ = ["CsvHeaderError", "CsvSource", "JsonLinesSource", "LinesSource"]
 
 log = structlog.get_logger("streamflow")
 
 _CHUNK = 1 << 16
+_SKIP_CHUNK = 1 << 20
 
 
 class LinesSource:
@@ -50,11 +54,20 @@ class LinesSource:
     rotated meanwhile), the new file is read from its start, and what the old one held after
     the position is not read again (``connector.file_rotated``, logged with the position).
 
-    A line longer than ``max_line`` bytes becomes a record with ``error`` set (its first bytes
-    as ``raw``) and is skipped up to its newline, so it meets the decode stage's error policy.
+    Untrusted input is bounded: a line longer than ``max_line`` bytes becomes a record with
+    ``error`` set (its first 64 bytes as ``raw``, its line number and offset as ``position``)
+    and is skipped up to its newline without being held in memory, so it meets the decode
+    stage's error policy and the lines after it are read (until that newline is read, the
+    committed position stays before the line: a resume reads it again). Memory holds at
+    most ``max_line`` bytes plus one 64 KiB chunk, every byte is scanned a bounded number of
+    times, and the work done between two waits on the event loop is bounded (a file of blank
+    lines or one huge line does not stall the other stages).
     """
 
     skip_blank = False
+    """Skip lines of whitespace only."""
+    skip_empty = False
+    """Skip empty lines only."""
 
     def __init__(
         self,
@@ -79,24 +92,36 @@ class LinesSource:
             None if checkpoint is None else Checkpoint(checkpoint, checkpoint_interval)
         )
         self._file: BinaryIO | None = None
-        self._buf = bytearray()
-        self._scan = 0  # where to look for the next newline in _buf
-        self._offset = 0  # file offset of _buf[0]
-        self._line = 0  # lines consumed before _buf[0]
-        self._skipping = False
+        self._split = self._splitter()
         self._inode = 0  # of the file being read
         self._seq = 0  # records read, the key of each one's ack
-        self._done: InOrder[int, FilePosition] = InOrder()
+        # the position after each record in flight: (offset, line, inode), a FilePosition
+        # only when asked for (building one per record is a tenth of the per-line cost)
+        self._done: InOrder[int, tuple[int, int, int]] = InOrder()
         self._committed = FilePosition()
+        self._released: tuple[int, int, int] | None = None  # newer than _committed
         self._entered = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, follow={self.follow})"
 
+    def _splitter(self) -> Splitter:
+        """How the file is cut into records."""
+        return Splitter(
+            max_line=self.max_line, skip_blank=self.skip_blank, skip_empty=self.skip_empty
+        )
+
     @property
     def position(self) -> FilePosition:
         """Everything before this position has been handled by the flow."""
+        released = self._released
+        if released is not None:
+            self._committed = FilePosition(*released)
+            self._released = None
         return self._committed
+
+    def _commit(self, position: FilePosition) -> None:
+        self._committed, self._released = position, None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -108,7 +133,7 @@ class LinesSource:
             if state is not None:
                 start = FilePosition.of_state(state)
                 log.info("connector.resume", source=self.name, offset=start.offset, line=start.line)
-        self._committed = start or FilePosition()
+        self._commit(start or FilePosition())
         return self
 
     async def __aexit__(
@@ -124,7 +149,7 @@ class LinesSource:
 
     def _save(self, *, force: bool = False) -> None:
         if self._checkpoint is not None:
-            self._checkpoint.save(Checkpoint.of_position(self.path, self._committed), force=force)
+            self._checkpoint.save(Checkpoint.of_position(self.path, self.position), force=force)
 
     async def _open(self, start: FilePosition | None = None) -> BinaryIO | None:
         """Open ``path`` (waiting for it in follow mode) at ``start``, by default the
@@ -137,7 +162,11 @@ class LinesSource:
                     raise
                 await anyio.sleep(self.poll_interval)
                 continue
-            await self._begin(f, start)
+            try:
+                await self._begin(f, start)
+            except BaseException:
+                f.close()  # a bad header: the source fails, the file must not leak
+                raise
             return f
 
     async def _begin(self, f: BinaryIO, start: FilePosition | None) -> None:
@@ -147,7 +176,7 @@ class LinesSource:
         self._inode = stat.st_ino
         first = await self._first_record(f)
         if start is None:
-            start = self._committed
+            start = self.position
             event = None
             if start.inode and start.inode != stat.st_ino:
                 event = "connector.file_rotated"  # the position is in an older file
@@ -163,11 +192,12 @@ class LinesSource:
                     action="reading from the start",
                 )
             if event is not None or start.offset < first.offset:
-                start = self._committed = first
+                start = first
+                self._commit(first)
         elif start.offset < first.offset:
             start = first
         f.seek(start.offset)
-        self._offset, self._line = start.offset, start.line
+        self._split.reset(start.offset, start.line)
 
     async def _first_record(self, f: BinaryIO) -> FilePosition:
         """Where the records of ``f`` begin (a subclass may read a header there)."""
@@ -186,34 +216,46 @@ class LinesSource:
         f = self._file
         assert f is not None
         self._save()
+        piece = self._split.next()
+        if piece is not None and piece is not PAUSE:  # the common case: a line was read
+            return self._message(piece)
+        return await self._read_on(f)
+
+    async def _read_on(self, f: BinaryIO) -> sf.Message[Record]:
+        """The next record, when what was read holds no more: read on, wait in follow mode,
+        follow rotation and truncation."""
+        split = self._split
         while True:
-            message = self._next_record(at_eof=False)
-            if message is not None:
-                return message
-            chunk = await anyio.to_thread.run_sync(f.read, _CHUNK)
+            piece = await self._take(at_eof=False)
+            if piece is not None:
+                return self._message(piece)
+            # inside an overlong line nothing is kept: read on in bigger steps
+            size = _SKIP_CHUNK if split.skipping else _CHUNK
+            chunk = await anyio.to_thread.run_sync(f.read, size)
             if chunk:
-                self._buf += chunk
+                split.feed(chunk)
                 continue
             if not self.follow:
-                message = self._next_record(at_eof=True)
-                if message is not None:
-                    return message
+                piece = await self._take(at_eof=True)
+                if piece is not None:
+                    return self._message(piece)
                 raise StopAsyncIteration
             if self._rotated(f):
-                message = self._next_record(at_eof=True)  # the old file's last line
-                if message is not None:
-                    return message
-                log.info("connector.file_rotated", source=self.name, lines=self._line)
+                piece = await self._take(at_eof=True)  # the old file's last line
+                if piece is not None:
+                    return self._message(piece)
+                log.info("connector.file_rotated", source=self.name, lines=split.line)
                 f.close()
                 self._forget_buffer()
-                self._file = f = await self._open(FilePosition())
-                assert f is not None
+                new = await self._open(FilePosition())
+                assert new is not None
+                self._file = f = new
                 continue
-            if os.fstat(f.fileno()).st_size < self._offset + len(self._buf):
+            if os.fstat(f.fileno()).st_size < split.fed:
                 log.warning(
                     "connector.file_truncated",
                     source=self.name,
-                    offset=self._offset + len(self._buf),
+                    offset=split.fed,
                     action="reading from the start",
                 )
                 self._forget_buffer()
@@ -222,11 +264,18 @@ class LinesSource:
                 continue
             await anyio.sleep(self.poll_interval)
 
+    async def _take(self, *, at_eof: bool) -> Piece | None:
+        """The next record of what was read (``None``: read more first), letting the event
+        loop run between the splitter's bounded steps."""
+        while True:
+            piece = self._split.next(at_eof=at_eof)
+            if piece is not PAUSE:
+                return piece
+            await anyio.lowlevel.checkpoint()
+
     def _forget_buffer(self) -> None:
         """Drop what was read and not yet emitted: reading starts again elsewhere."""
-        self._buf.clear()
-        self._scan = 0
-        self._skipping = False
+        self._split.reset(self._split.offset, self._split.line)
 
     def _rotated(self, f: BinaryIO) -> bool:
         """Whether ``path`` now names another file than ``f`` (read to its end just now)."""
@@ -237,73 +286,20 @@ class LinesSource:
         then = os.fstat(f.fileno())
         return (now.st_ino, now.st_dev) != (then.st_ino, then.st_dev)
 
-    def _record_end(self, buf: bytearray, start: int) -> int:
-        """Index of the newline ending the record that starts at ``start`` (-1: none yet)."""
-        return buf.find(b"\n", start)
-
-    def _next_record(self, *, at_eof: bool) -> sf.Message[Record] | None:
-        buf = self._buf
-        while True:
-            end = self._record_end(buf, self._scan)
-            if end < 0:
-                if self._skipping:  # still inside an overlong line
-                    self._drop(len(buf), lines=0)
-                    return None
-                if len(buf) > self.max_line:
-                    return self._overlong(len(buf), complete=False)
-                if not (at_eof and buf):
-                    self._scan = len(buf)
-                    return None
-                end = len(buf)  # the last line has no newline
-            consumed = min(end + 1, len(buf))
-            if self._skipping:
-                self._drop(consumed, lines=1)
-                self._skipping = False
-                continue
-            if end > self.max_line:
-                return self._overlong(consumed, complete=True)
-            line_no, offset = self._line + 1, self._offset
-            raw = bytes(buf[: end - 1 if end > 0 and buf[end - 1] == 0x0D else end])
-            self._drop(consumed, lines=raw.count(b"\n") + 1)
-            if self.skip_blank and not raw.strip():
-                continue
-            after = FilePosition(self._offset, self._line, self._inode)
-            return self._message(raw, line_no, offset, None, after)
-
-    def _overlong(self, n: int, *, complete: bool) -> sf.Message[Record]:
-        line_no, offset = self._line + 1, self._offset
-        # resume before an overlong line until its end was seen
-        after = (
-            FilePosition(offset + n, line_no, self._inode)
-            if complete
-            else FilePosition(offset, line_no - 1, self._inode)
+    def _message(self, piece: Piece) -> sf.Message[Record]:
+        raw, line, offset, error, after_offset, after_line = piece
+        record = Record(
+            raw, self.name, {"line": line, "offset": offset}, codec=self.codec, error=error
         )
-        raw = bytes(self._buf[:64])
-        self._drop(n, lines=1 if complete else 0)
-        self._skipping = not complete
-        reason = f"line longer than max_line={self.max_line} bytes (skipped)"
-        return self._message(raw, line_no, offset, reason, after)
-
-    def _drop(self, n: int, *, lines: int) -> None:
-        del self._buf[:n]
-        self._offset += n
-        self._line += lines
-        self._scan = 0
-
-    def _message(
-        self, raw: bytes, line: int, offset: int, error: str | None, after: FilePosition
-    ) -> sf.Message[Record]:
-        position = {"line": line, "offset": offset}
-        record = Record(raw, self.name, position, codec=self.codec, error=error)
-        self._seq += 1  # not the line number: lines start again in a rotated file
-        self._done.track(self._seq, after)
-        meta = {"source": self.name, **position}
-        return sf.Message(record, meta=meta, on_ack=partial(self._ack, self._seq))
+        self._seq = seq = self._seq + 1  # not the line number: lines start again after rotation
+        self._done.track(seq, (after_offset, after_line, self._inode))
+        meta = {"source": self.name, "line": line, "offset": offset}
+        return sf.Message(record, meta=meta, on_ack=partial(self._ack, seq))
 
     def _ack(self, seq: int, outcome: sf.Outcome) -> None:
-        released = self._done.done(seq)
-        if released:
-            self._committed = released[-1]
+        done = self._done
+        if done.release(seq):
+            self._released = done.last
 
 
 class JsonLinesSource(LinesSource):
@@ -317,14 +313,45 @@ class JsonLinesSource(LinesSource):
         super().__init__(path, **options)
 
 
+class CsvHeaderError(ConnectorError, ValueError):
+    """A CSV file's header line is missing, too long, empty or not UTF-8: the source cannot
+    build its records and the flow fails. ``path``, ``line`` (1) and ``offset`` (the byte at
+    fault, from the start of the file) say where."""
+
+    def __init__(self, path: Path, message: str, *, offset: int = 0) -> None:
+        self.path = path
+        self.line = 1
+        self.offset = offset
+        super().__init__(f"{path}: CSV header (line 1, byte offset {offset}): {message}")
+
+
 class CsvSource(LinesSource):
     """CSV records as ``dict`` values keyed by the header (the first line), or by
-    ``fieldnames`` when the file has no header. Quoted fields may span lines. A row with a
-    missing or extra field fails in the decode stage with its line number. Blank lines are
-    skipped. Resuming reads the header again, then continues at the saved position.
+    ``fieldnames`` when the file has no header. Quoted fields may span lines (the records are
+    the rows :func:`csv.reader` reads: a quote opens a quoted field only at the start of a
+    field). A row with a missing or extra field fails in the decode stage with its line
+    number. Empty lines are skipped (as :class:`csv.DictReader` does). Resuming reads the
+    header again, then continues at the saved position.
+
+    Untrusted input (see also :class:`LinesSource`). A stray or unclosed quote swallows the
+    newlines after it, so a record that spans lines is *cut* when it cannot be what a CSV
+    writer wrote: its quoted field is still open after ``max_line`` bytes or at the end of
+    the file, the quote closing it is followed by text other than a delimiter or a line
+    end, it holds a quote inside an unquoted field, or it has another number of fields than
+    the header. The first line of a cut record, whole, becomes a record with ``error`` set
+    (``raw``: that line; ``position``: its line number and offset) and reading resynchronises
+    right after that line, outside quotes, so the rows after it arrive (a row inside the
+    cut record's span that is still in a quoted field at its line end would go the same
+    way, and is cut at once: that keeps the work linear on a crafted file). A genuine quoted
+    field longer than ``max_line`` is cut too, its other lines then read as rows of their own
+    (which mostly fail to decode): set ``max_line`` above your longest record. In follow
+    mode a record whose quoted field is still open at the end of the file waits for the
+    writer, up to ``max_line`` bytes. A header that is missing, longer than ``max_line``,
+    empty or not UTF-8 fails the flow with :class:`CsvHeaderError` (naming the file, line 1
+    and the byte offset).
     """
 
-    skip_blank = True
+    skip_empty = True
 
     def __init__(
         self,
@@ -336,10 +363,13 @@ class CsvSource(LinesSource):
     ) -> None:
         if "codec" in options:
             raise TypeError("CsvSource builds its codec from the header; use fieldnames=")
+        self.delimiter = delimiter
         super().__init__(path, **options)
         self.fieldnames = None if fieldnames is None else tuple(fieldnames)
         self._header_in_file = fieldnames is None
-        self.delimiter = delimiter
+
+    def _splitter(self) -> Splitter:
+        return Splitter(max_line=self.max_line, csv=True, delimiter=self.delimiter, skip_empty=True)
 
     async def _first_record(self, f: BinaryIO) -> FilePosition:
         """After the header line, when the file has one (every file, a rotated one too)."""
@@ -347,25 +377,34 @@ class CsvSource(LinesSource):
         if self._header_in_file:
             while True:
                 f.seek(0)
-                header = await anyio.to_thread.run_sync(f.readline, self.max_line)
-                if header.endswith(b"\n"):
+                header = await anyio.to_thread.run_sync(f.readline, self.max_line + 2)
+                if header.endswith(b"\n") and len(header.rstrip(b"\r\n")) <= self.max_line:
                     break
+                if len(header.rstrip(b"\r")) > self.max_line:  # its \r\n may be on the way
+                    raise CsvHeaderError(self.path, f"longer than max_line={self.max_line} bytes")
                 if not self.follow:
-                    raise ValueError(f"{self.name}: no CSV header line")
+                    raise CsvHeaderError(self.path, "no header line (the file ends first)")
                 await anyio.sleep(self.poll_interval)  # the writer is still at it
-            text = header.decode().rstrip("\r\n")
-            self.fieldnames = tuple(next(csv.reader([text], delimiter=self.delimiter)))
+            self.fieldnames = self._fields(header)
             first = FilePosition(len(header), 1, self._inode)
         assert self.fieldnames is not None
         self.codec = CsvCodec(self.fieldnames, delimiter=self.delimiter)
+        self._split.fields = len(self.fieldnames)
         return first
 
-    def _record_end(self, buf: bytearray, start: int) -> int:
-        # a newline inside quotes does not end the record: count quotes up to each newline
-        end = buf.find(b"\n", start)
-        while end >= 0 and buf.count(b'"', 0, end) % 2:
-            end = buf.find(b"\n", end + 1)
-        return end
+    def _fields(self, header: bytes) -> tuple[str, ...]:
+        try:
+            text = header.decode()
+        except UnicodeDecodeError as exc:
+            raise CsvHeaderError(
+                self.path,
+                f"not valid UTF-8 (byte 0x{header[exc.start]:02x}: {exc.reason})",
+                offset=exc.start,
+            ) from None
+        fields = tuple(next(csv.reader([text.rstrip("\r\n")], delimiter=self.delimiter)))
+        if not fields:
+            raise CsvHeaderError(self.path, "empty: no field names")
+        return fields
 
 
 def _open_binary(path: Path) -> BinaryIO:

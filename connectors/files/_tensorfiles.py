@@ -35,9 +35,13 @@ SUFFIXES = (".npy", ".safetensors", ".sft")
 class NpyCodec:
     """A whole ``.npy`` file <-> one array (numpy) or tensor (torch).
 
-    Decoding checks the header against the data size (a header that lies about the shape is
-    a ``ValueError``), refuses object arrays (they would need pickle) and copies nothing: the
-    result aliases the file's buffer (writable when it is a ``bytearray``)."""
+    Decoding reads every file ``numpy.save`` writes (format versions 1.0, 2.0 and 3.0, C or
+    Fortran order, any byte order), checks the header against the data size (a header that
+    lies about the shape is a ``ValueError``) and refuses object arrays (they would need
+    pickle). An array in native byte order is not copied: the result aliases the file's buffer
+    (writable when it is a ``bytearray``). A big-endian array is converted to native byte
+    order in a copy (the record's bytes are left as they are); a Fortran-order array keeps its layout (a torch
+    tensor of two or more dimensions is then not ``is_contiguous()``)."""
 
     name = "npy"
 
@@ -59,8 +63,12 @@ class NpyCodec:
         version = npformat.read_magic(f)
         if version == (1, 0):
             shape, fortran, dtype = npformat.read_array_header_1_0(f)
-        else:
+        elif version == (2, 0):
             shape, fortran, dtype = npformat.read_array_header_2_0(f)
+        elif version == (3, 0):
+            shape, fortran, dtype = _read_header_3_0(f)
+        else:
+            raise ValueError(f"npy format version {version[0]}.{version[1]} is not supported")
         if dtype.hasobject:
             raise ValueError("object arrays are not supported (they need pickle)")
         start = f.tell()
@@ -73,6 +81,9 @@ class NpyCodec:
             )
         array = np.frombuffer(raw, dtype=dtype, count=count, offset=start)
         array = array.reshape(shape, order="F" if fortran else "C")
+        if not dtype.isnative:  # a big-endian file (on a little-endian machine): one copy,
+            # never swapped in place (decoding the same record twice must give the same value)
+            array = array.astype(dtype.newbyteorder("="), order="K")
         if self.framework == "numpy":
             return array
         import torch
@@ -111,6 +122,23 @@ class SafetensorsCodec:
         from safetensors.torch import load as load_torch
 
         return dict(load_torch(data))
+
+
+def _read_header_3_0(f: io.BytesIO) -> tuple[tuple[int, ...], bool, Any]:
+    """The header of a version 3.0 ``.npy`` (numpy has no public reader for it): version 2.0
+    with UTF-8 text, which only field names of a structured dtype use. Their non-ASCII
+    characters become ``\\u`` escapes, valid in the header's Python literal, and numpy's 2.0
+    reader reads the result."""
+    from numpy.lib import format as npformat
+
+    size = f.read(4)
+    if len(size) != 4:
+        raise ValueError("npy file too short: no header length")
+    text = f.read(int.from_bytes(size, "little"))
+    ascii_text = text.decode("utf-8").encode("ascii", "backslashreplace")
+    header = io.BytesIO(len(ascii_text).to_bytes(4, "little") + ascii_text)
+    result: tuple[tuple[int, ...], bool, Any] = npformat.read_array_header_2_0(header)
+    return result
 
 
 def _to_numpy(value: Any) -> Any:
@@ -299,6 +327,8 @@ class TensorFileSink:
         """Write ``item`` as one complete file (see the class for the guarantee)."""
         data: Buffer | list[Buffer]
         if isinstance(item, Record):
+            if item.raw is None:
+                raise ValueError(f"the record from {item.where()} is a tombstone: no file to write")
             data = item.raw
         elif isinstance(self.codec, TensorCodec):
             data = self.codec.encode_parts(item)  # written from the tensor's memory

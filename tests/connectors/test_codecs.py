@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 
@@ -12,7 +13,7 @@ import torch
 from structlog.testing import capture_logs
 
 import connectors
-from connectors import JSON, TEXT, CsvCodec, DecodeError, Record
+from connectors import JSON, TEXT, CsvCodec, DecodeError, JsonCodec, Record, TextCodec
 from connectors._inorder import InOrder
 from connectors.tensors import TENSOR, Tagged, TensorCodec, TensorFormatError, decode_tensor
 
@@ -147,3 +148,170 @@ def test_decode_raises_and_logs_source_and_position() -> None:
         connectors.decode(flagged)
     with pytest.raises(TypeError, match="expects a connectors.Record"):
         connectors.decode(b"raw")  # type: ignore[arg-type]
+
+
+# -- strict JSON (issue 13, point 4) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'{"i": "\\ud800"}', "lone surrogate '\\ud800'"),
+        (b'["\\udfff"]', "lone surrogate"),
+        (b'["\\ud800\\u0041"]', "lone surrogate"),
+        (b"[NaN]", "NaN is not JSON"),
+        (b"[Infinity]", "Infinity is not JSON"),
+        (b'{"a": -Infinity}', "-Infinity is not JSON"),
+        (b"[1e400]", "too large for a float"),
+        (b"-1E+0400", "too large for a float"),
+        (b"[" * 100_000, "JSON nested 100000 deep, deeper than max_depth=256"),
+        (b"[" * 257 + b"]" * 257, "JSON nested 257 deep"),
+        ('{"a": 1}'.encode("utf-16"), "can't decode byte 0xff"),
+        ('{"a": 1}'.encode("utf-16-le"), "Expecting property name"),  # NULs between chars
+        ('{"a": 1}'.encode("utf-32"), "can't decode byte 0xff"),
+        ('["\ud800"]'.encode("utf-8", "surrogatepass"), "invalid continuation byte"),
+        (b"\xef\xbb\xbf\xef\xbb\xbf[1]", "Expecting value"),  # only one BOM is skipped
+    ],
+)
+def test_json_refuses_what_it_could_not_write_back(raw: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        JSON.decode(raw)
+
+
+def test_json_accepts_valid_utf8_json_and_round_trips_it() -> None:
+    assert JSON.decode(b'"\\ud83d\\ude00"') == "\U0001f600"  # a surrogate pair is one character
+    assert JSON.encode(JSON.decode(b'"\\ud83d\\ude00"')) == '"\U0001f600"'.encode()
+    assert JSON.decode(b"\xef\xbb\xbf[1]") == [1]  # one UTF-8 byte order mark: skipped
+    assert JSON.decode(b'["[[[[", 1e-400, 1e308]') == ["[[[[", 0.0, 1e308]
+    deep = b"[" * 256 + b"]" * 256
+    assert JSON.encode(JSON.decode(deep)) == deep
+    assert JSON.decode(b'"\\\\ud800"') == "\\ud800"  # an escaped backslash: no surrogate
+    with pytest.raises(ValueError, match="nested 3 deep"):
+        JsonCodec(max_depth=2).decode(b"[[[]]]")
+
+
+def test_json_nan_only_when_asked() -> None:
+    with pytest.raises(ValueError, match="Out of range float"):
+        JSON.encode(float("nan"))
+    with pytest.raises(ValueError, match="surrogates not allowed"):
+        JSON.encode("\ud800")
+    lenient = JsonCodec(allow_nan=True)
+    value = lenient.decode(b"[NaN, Infinity, -Infinity, 1e400]")
+    assert math.isnan(value[0]) and value[1:] == [math.inf, -math.inf, math.inf]
+    assert lenient.encode(value) == b"[NaN,Infinity,-Infinity,Infinity]"
+    assert repr(lenient) == "JsonCodec(allow_nan=True)" and repr(JSON) == "JSON"
+
+
+# -- CSV and text ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'"a"b,c', "malformed CSV record: ',' expected after '\"'"),
+        (b"a\rb,c", "line end outside quotes"),
+        (b"a,b\nc,d", "line end outside quotes"),
+        (b'"a,b', "unexpected end of data"),
+        (b"x" * 200_000 + b",y", "field larger than field limit"),
+        (b"\xff,a", "can't decode byte 0xff"),
+        (b"", "CSV row has 0 fields"),
+    ],
+)
+def test_csv_malformed_records_raise_value_error(raw: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CsvCodec(["a", "b"]).decode(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'"a\rb",c', b'a,"b\r"', b'"a\r\nb",""', b'a"b,c', b"a\x00b,\x00", b'"",', b"a,b\r\n"],
+)
+def test_csv_round_trips_what_it_decodes(raw: bytes) -> None:
+    codec = CsvCodec(["a", "b"])
+    value = codec.decode(raw)
+    assert codec.decode(codec.encode(value)) == value
+
+
+def test_csv_and_text_refuse_bad_settings_up_front() -> None:
+    with pytest.raises(ValueError, match="delimiter must be one character"):
+        CsvCodec(["a"], delimiter=",,")
+    with pytest.raises(ValueError, match="delimiter must be one character"):
+        CsvCodec(["a"], delimiter='"')
+    with pytest.raises(LookupError):
+        TextCodec("no-such-encoding")
+    with pytest.raises(LookupError):
+        TextCodec("rot13")  # not a text encoding
+
+
+def test_text_codec_round_trips_in_other_encodings() -> None:
+    utf16 = TextCodec("utf-16")
+    assert utf16.decode(utf16.encode("héllo \U0001f600")) == "héllo \U0001f600"
+    with pytest.raises(UnicodeDecodeError):
+        utf16.decode(b"\xff\xfe\x00\xd8")  # a lone surrogate in UTF-16
+    # a stateful encoding that reads escape sequences it cannot write back
+    with pytest.raises(ValueError, match="does not encode back to iso2022_jp_1"):
+        TextCodec("iso2022_jp_1").decode(b"{{\x1b\xf5\x11M")
+
+
+# -- the tensor codec's contract (issue 13, point 5) ----------------------------------------
+
+
+def _frame(header: bytes, payload: bytes = b"") -> bytes:
+    return b"SFT1" + struct.pack("<I", len(header)) + header + payload
+
+
+@pytest.mark.parametrize("framework", ["torch", "numpy"])
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (b'{"dtype":"float32","shape":[0, 1180591620717411303424]}', "bad shape"),  # 2**70
+        (b'{"dtype":"float32","shape":[0, 1099511627776, 1099511627776]}', "spans more than"),
+        (b'{"dtype":"uint8","shape":[0, 281474976710657]}', "bad shape"),  # 2**48 + 1
+        (b"[" * 100_000, "header nested 100000 deep (limit 64)"),
+        (b'{"dtype":"uint8","shape":[1],"meta":' + b'{"a":' * 70 + b"1" + b"}" * 71, "nested"),
+        (b'{"dtype":"uint8","shape":[true]}', "bad shape"),
+        (b'{"dtype":"uint8","shape":[1.0]}', "bad shape"),
+        (b'{"dtype":"uint8","shape":[' + b"1," * 64 + b"1]}", "bad shape"),  # 65 dimensions
+        (b'{"dtype":["uint8"],"shape":[1]}', "unknown dtype"),
+        ('{"dtype":"uint8","shape":[1]}'.encode("utf-16"), "not UTF-8 JSON"),
+        (b'{"dtype":"uint8","shape":[' + b"9" * 5000 + b"]}", "JSON"),  # int too long
+    ],
+)
+def test_tensor_decode_raises_only_tensor_format_error(
+    header: bytes, message: str, framework: str
+) -> None:
+    with pytest.raises(TensorFormatError, match=re.escape(message)):
+        decode_tensor(_frame(header, b"\x01"), framework=framework)  # type: ignore[arg-type]
+    with pytest.raises(TensorFormatError, match=re.escape(message)):
+        decode_tensor(_frame(header), framework=framework)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("framework", ["torch", "numpy"])
+def test_tensor_bool_bytes_zero_sized_and_0d(framework: str) -> None:
+    bad = _frame(b'{"dtype":"bool","shape":[2]}', b"\x01\x02")
+    with pytest.raises(TensorFormatError, match="bytes other than 0 and 1"):
+        decode_tensor(bad, framework=framework)  # type: ignore[arg-type]
+    empty, _ = decode_tensor(  # a 0 beside a large (bounded) dimension is fine
+        _frame(b'{"dtype":"float32","shape":[0, 1099511627776]}'),
+        framework=framework,  # type: ignore[arg-type]
+    )
+    assert tuple(empty.shape) == (0, 2**40)
+    codec = TensorCodec(framework=framework)  # type: ignore[arg-type]
+    scalar = np.array(True) if framework == "numpy" else torch.tensor(True)
+    assert codec.decode(codec.encode(scalar)).shape == ()  # 0-d stays 0-d (numpy was 1-d)
+
+
+def test_tensor_meta_is_never_shared_between_decodes() -> None:
+    codec = TensorCodec(with_meta=True)
+    raw = codec.encode(Tagged(torch.zeros(2), {"labels": [1, 2], "n": 1}))
+    first = codec.decode(raw)
+    first.meta["labels"].append(3)
+    first.meta["n"] = 2
+    assert codec.decode(raw).meta == {"labels": [1, 2], "n": 1}
+
+
+def test_tensor_framework_is_checked() -> None:
+    with pytest.raises(ValueError, match="framework must be"):
+        TensorCodec(framework="jax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="framework must be"):
+        decode_tensor(TENSOR.encode(torch.ones(1)), framework="jax")  # type: ignore[arg-type]
