@@ -17,12 +17,18 @@ E = TypeVar("E")
 
 class BufferedSource(Generic[E]):
     """Entries land in ``_buffer`` (then ``_ready`` is set); ``_next()`` turns the oldest
-    into the message the flow receives. Subclasses say whether they are running and set
-    ``_error`` when the client fails for good."""
+    into the message the flow receives. Subclasses say whether they are running; ``_fail``
+    (the :class:`~connectors._background.Background` tasks' report) ends the stream with an
+    error."""
 
     _buffer: deque[E]
     _ready: asyncio.Event
     _error: BaseException | None
+
+    def _fail(self, error: BaseException) -> None:
+        """The client failed for good: the flow gets ``error`` at its next item."""
+        self._error = error
+        self._ready.set()
 
     def _running(self) -> bool:
         raise NotImplementedError  # each connector knows what "started" means for it

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
@@ -20,9 +20,9 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 import streamflow as sf
 from streamflow._logging import get_logger
 
+from .._background import Background
 from .._backoff import Backoff
 from .._buffered import BufferedSource
-from .._errors import ConnectorError
 from .._inorder import InOrder
 from .._record import Record
 from ..codecs import BYTES, Codec
@@ -146,7 +146,7 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         self._room = asyncio.Event()
         self._acked = asyncio.Event()
         self._error: BaseException | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._background = Background(self._what(), self._fail)
         self._last_contact = 0.0
         self._health = Backoff(self._what(), give_up_after=reconnect_timeout)
 
@@ -175,11 +175,8 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         consumer.subscribe(self.topics, listener=_Listener(self))
         self._consumer = consumer
         self._last_contact = time.monotonic()
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._guard(self._poll_loop()), name=f"{self.name}:poll"),
-            loop.create_task(self._guard(self._commit_loop()), name=f"{self.name}:commit"),
-        ]
+        self._background.start(self._poll_loop(), f"{self.name}:poll")
+        self._background.start(self._commit_loop(), f"{self.name}:commit")
         log.info("connector.start", connector=self._what())
         return self
 
@@ -193,10 +190,8 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         consumer = self._consumer
         if consumer is None:
             return
+        await self._background.stop()
         with anyio.CancelScope(shield=True):
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
             with anyio.move_on_after(self.close_timeout):
                 await self._commit(list(self._parts.values()), final=True)
             with anyio.move_on_after(self.close_timeout):
@@ -240,23 +235,6 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         self._acked.set()
 
     # -- background ----------------------------------------------------------------------
-
-    async def _guard(self, body: Coroutine[Any, Any, None]) -> None:
-        try:
-            await body
-        except asyncio.CancelledError:
-            raise
-        except ConnectorError as exc:
-            self._fail(exc)
-        except Exception as exc:
-            error = ConnectorError(f"{self._what()} failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            self._fail(error)
-
-    def _fail(self, error: BaseException) -> None:
-        log.error("connector.failed", connector=self._what(), error=str(error))
-        self._error = error
-        self._ready.set()
 
     async def _poll_loop(self) -> None:
         consumer = self._consumer

@@ -12,14 +12,13 @@ from types import TracebackType
 from typing import Any, Literal
 
 import aiomqtt
-import anyio
 
 import streamflow as sf
 from streamflow._logging import get_logger
 
+from .._background import Background
 from .._backoff import Backoff
 from .._buffered import BufferedSource
-from .._errors import ConnectorError
 from .._inorder import InOrder
 from .._record import Record
 from ..codecs import BYTES, Codec
@@ -111,7 +110,7 @@ class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
         self._room = asyncio.Event()
         self._connected = asyncio.Event()
         self._error: BaseException | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background(self._what(), self._fail)
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         self._acks: InOrder[int, int] = InOrder()
@@ -128,9 +127,9 @@ class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
         await self._connected.wait()
 
     async def __aenter__(self) -> MqttSource:
-        if self._task is not None:
+        if self._background.running:
             raise RuntimeError(f"{self!r} is already running; create one source per flow run")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+        self._background.start(self._run(), self.name)
         return self
 
     async def __aexit__(
@@ -140,12 +139,7 @@ class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
         tb: TracebackType | None,
     ) -> None:
         """Send the acknowledgements still due, disconnect."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        with anyio.CancelScope(shield=True):
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await self._background.stop()
 
     async def _run(self) -> None:
         backoff = Backoff(self._what(), give_up_after=self.reconnect_timeout)
@@ -178,21 +172,8 @@ class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
                     self._connected.clear()
                     raise_if_refused(exc, self._what())
                     await backoff.wait(exc)
-        except asyncio.CancelledError:
-            raise
-        except ConnectorError as exc:
-            self._fail(exc)
-        except Exception as exc:
-            error = ConnectorError(f"{self._what()} failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            self._fail(error)
         finally:
             self._client = None
-
-    def _fail(self, error: BaseException) -> None:
-        log.error("connector.failed", connector=self._what(), error=str(error))
-        self._error = error
-        self._ready.set()
 
     async def _put(self, message: aiomqtt.Message) -> None:
         self.stats.received += 1
@@ -216,7 +197,7 @@ class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
         self._ready.set()
 
     def _running(self) -> bool:
-        return self._task is not None
+        return self._background.running
 
     def _next(self) -> sf.Message[Record]:
         generation, m = self._buffer.popleft()

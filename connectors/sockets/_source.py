@@ -11,6 +11,7 @@ import anyio
 
 from streamflow._logging import get_logger
 
+from .._background import Background
 from .._backoff import Backoff
 from .._record import Record
 from ..codecs import BYTES, Codec
@@ -229,15 +230,19 @@ class ClientSource(_InboxReader):
         self.reconnect_timeout = reconnect_timeout
         self.name = self._address.label()
         self._inbox: Inbox | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background(f"socket source {self.name}", self._fail)
         self._transport: asyncio.Transport | None = None
 
     def __repr__(self) -> str:
         return f"ClientSource({self.name})"
 
+    def _fail(self, error: BaseException) -> None:
+        if self._inbox is not None:
+            self._inbox.close(error)
+
     async def __aenter__(self) -> ClientSource:
         self._inbox = Inbox(self.max_buffered)
-        self._task = asyncio.get_running_loop().create_task(self._run(self._inbox))
+        self._background.start(self._run(self._inbox), self.name)
         return self
 
     async def __aexit__(
@@ -246,12 +251,10 @@ class ClientSource(_InboxReader):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task, self._task = self._task, None
-        if task is None:
+        if not self._background.running:
             return
+        await self._background.stop()
         with anyio.CancelScope(shield=True):
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
             if self._transport is not None:
                 self._transport.abort()
                 await asyncio.sleep(0)
@@ -280,11 +283,7 @@ class ClientSource(_InboxReader):
                         factory, self._address.host, self._address.port
                     )
             except OSError as exc:
-                try:
-                    await backoff.wait(exc)
-                except BaseException as error:
-                    inbox.close(error)
-                    return
+                await backoff.wait(exc)  # gives up with BrokerUnavailable: the source's error
                 continue
             backoff.reset()
             self._transport = transport
