@@ -7,7 +7,8 @@ contender alike):
 - trickle: one item at a time (the next one enters when the previous one reached the sink),
   so each item goes through alone: the latency of a hop with nothing queued.
 
-Prints microseconds per item per hop for streamflow (metrics and acks on), a bare
+Prints microseconds per item per hop for streamflow (metrics and acks on; its stages as
+`async def` like the other Python chains, and as plain `def` like Bytewax's), a bare
 asyncio.Queue(16) chain, an aiostream pipe.map chain and, when it is installed, Bytewax
 (`pip install bytewax==0.21.*`) at input batches of 1, 100 and 1000, with the ratio to
 asyncio.Queue. Run: .venv/bin/python benchmarks/hop.py [--items N] [--repeats R]
@@ -30,6 +31,10 @@ TRICKLE_SHARE = 20  # the trickle rows move items/20 items (one at a time is slo
 
 
 async def inc(x: int) -> int:
+    return x + 1
+
+
+def inc_plain(x: int) -> int:
     return x + 1
 
 
@@ -94,22 +99,29 @@ async def aiostream_chain(n: int, trickle: bool) -> int:
     return total
 
 
-async def streamflow_chain(n: int, trickle: bool) -> int:
+async def streamflow_chain(n: int, trickle: bool, plain: bool = False) -> int:
     total = 0
     pace = Trickle(n)
 
-    async def add(x: int) -> None:
+    def add(x: int) -> None:
         nonlocal total
         total += x
         pace.done()
 
+    async def add_async(x: int) -> None:
+        add(x)
+
     flow = sf.Flow("hop")
     s = flow.source("numbers", pace.items() if trickle else sf.iterate(range(n)))
     for i in range(HOPS):
-        s = s.map(f"inc{i}", inc, capacity=16)
-    s.sink("sum", add)
+        s = s.map(f"inc{i}", inc_plain if plain else inc, capacity=16)
+    s.sink("sum", add if plain else add_async)
     await flow.run()
     return total
+
+
+async def streamflow_plain_chain(n: int, trickle: bool) -> int:
+    return await streamflow_chain(n, trickle, plain=True)
 
 
 def bytewax_chain(batch: int) -> Callable[[int, bool], Awaitable[int]]:
@@ -147,7 +159,8 @@ async def main() -> None:
     contenders: dict[str, Callable[[int, bool], Awaitable[int]]] = {
         "asyncio.Queue(16)": queue_chain,
         "aiostream pipe.map": aiostream_chain,
-        "streamflow": streamflow_chain,
+        "streamflow (async def)": streamflow_chain,
+        "streamflow (def)": streamflow_plain_chain,
     }
     bytewax = importlib.util.find_spec("bytewax") is not None
     if bytewax:
@@ -162,8 +175,10 @@ async def main() -> None:
             n = args.items // TRICKLE_SHARE if trickle else args.items
             times[name, trickle].append(await timed(contenders[name], n, trickle) / n)
     per_hop = {row: median(t) / (HOPS + 1) * 1e6 for row, t in times.items()}
-    print(f"{args.items:,} items queued, {args.items // TRICKLE_SHARE:,} trickled, {HOPS} map "
-          f"stages ({HOPS + 1} channel hops), median of {args.repeats} interleaved rounds")
+    print(
+        f"{args.items:,} items queued, {args.items // TRICKLE_SHARE:,} trickled, {HOPS} map "
+        f"stages ({HOPS + 1} channel hops), median of {args.repeats} interleaved rounds"
+    )
     table_rows = []
     for name, trickle in rows:
         base = per_hop["asyncio.Queue(16)", trickle]

@@ -48,12 +48,12 @@ import torch
 from _common import median, table
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from streamflow.connectors.kafka import KafkaSink, KafkaSource
+from streamflow.connectors.sockets import ServerSource
+from streamflow.connectors.tensors import TENSOR, decode_tensor
 
-import connectors
 import streamflow as sf
-from connectors.kafka import KafkaSink, KafkaSource
-from connectors.sockets import ServerSource
-from connectors.tensors import TENSOR, decode_tensor
+from streamflow import connectors
 
 PRODUCER = {"acks": "all", "enable_idempotence": True, "linger_ms": 5}
 

@@ -1,14 +1,14 @@
 """Connectors: sources and sinks for Kafka, MQTT, sockets and files.
 
-Each system is its own module with its library as an optional extra: ``connectors.kafka``
-(``[kafka]``), ``connectors.mqtt`` (``[mqtt]``), ``connectors.sockets`` (standard library),
-``connectors.files`` (``[files]`` for tensor files). This package only holds what they share:
+Each system is its own module with its library as an optional extra: ``streamflow.connectors.kafka``
+(``[kafka]``), ``streamflow.connectors.mqtt`` (``[mqtt]``), ``streamflow.connectors.sockets`` (standard library),
+``streamflow.connectors.files`` (``[files]`` for tensor files). This package only holds what they share:
 
 - :class:`Record`: what every source yields (raw bytes and where they came from);
 - :func:`decode`: the ``map`` stage that turns records into values, so malformed input meets
   that stage's error policy (``errors="skip"`` or ``sf.DeadLetter(sink)``), and
   :func:`decode_batch` for lists of records;
-- codecs (:mod:`connectors.codecs`, :mod:`connectors.tensors`) and the errors.
+- codecs (:mod:`streamflow.connectors.codecs`, :mod:`streamflow.connectors.tensors`) and the errors.
 
 See docs/CONNECTORS.md for each connector's delivery guarantee.
 """

@@ -2,7 +2,7 @@
 
 Every source that a background client fills starts its tasks, guards them and stops them
 the same way; this is that one way. A task that fails for good becomes the source's error
-(a :class:`~connectors.ConnectorError` naming the connector, logged as
+(a :class:`~streamflow.connectors.ConnectorError` naming the connector, logged as
 ``connector.failed``), which the flow sees at its next item; stopping cancels every task
 and joins it, shielded, so nothing outlives the source.
 """

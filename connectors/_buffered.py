@@ -18,7 +18,7 @@ E = TypeVar("E")
 class BufferedSource(Generic[E]):
     """Entries land in ``_buffer`` (then ``_ready`` is set); ``_next()`` turns the oldest
     into the message the flow receives. Subclasses say whether they are running; ``_fail``
-    (the :class:`~connectors._background.Background` tasks' report) ends the stream with an
+    (the :class:`~streamflow.connectors._background.Background` tasks' report) ends the stream with an
     error."""
 
     _buffer: deque[E]

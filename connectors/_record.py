@@ -106,14 +106,16 @@ def decode(record: Record) -> Any:
     Use it as the first stage after a connector's source, with the error policy you want for
     malformed input::
 
-        flow.source("in", KafkaSource(...)).map("decode", connectors.decode, errors="skip")
+        flow.source("in", KafkaSource(...)).map("decode", streamflow.connectors.decode, errors="skip")
 
     A malformed record logs ``connector.bad_record`` (source, position, reason, size) and
     raises :class:`DecodeError`, so ``errors="skip"`` counts and skips it and
     ``errors=sf.DeadLetter(sink)`` hands the sink the raw record and the reason.
     """
     if not isinstance(record, Record):
-        raise TypeError(f"decode() expects a connectors.Record, got {type(record).__name__}")
+        raise TypeError(
+            f"decode() expects a streamflow.connectors.Record, got {type(record).__name__}"
+        )
     if record.error is None:  # Record.decode, inlined: this runs once per item
         raw = record.raw
         if raw is None:
@@ -136,7 +138,7 @@ def decode_batch(records: Sequence[Record]) -> list[Any]:
     and the good ones go on::
 
         flow.source("in", ServerSource(codec=TENSOR, batched=True)).map(
-            "decode", connectors.decode_batch, errors="skip"
+            "decode", streamflow.connectors.decode_batch, errors="skip"
         )
     """
     values: list[Any] = []
@@ -144,7 +146,7 @@ def decode_batch(records: Sequence[Record]) -> list[Any]:
     for i, record in enumerate(records):
         if type(record) is not Record and not isinstance(record, Record):
             raise TypeError(
-                f"decode_batch() expects connectors.Record values, got {type(record).__name__} "
+                f"decode_batch() expects streamflow.connectors.Record values, got {type(record).__name__} "
                 f"at index {i}"
             )
         if record.error is None:  # Record.decode, inlined: this runs once per element

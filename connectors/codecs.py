@@ -1,12 +1,12 @@
 """Codecs: how a connector turns values into bytes and back.
 
-Every connector takes a ``codec``. Sources attach it to each :class:`~connectors.Record` and
-decode only in a stage (:func:`connectors.decode`), so malformed input meets that stage's
+Every connector takes a ``codec``. Sources attach it to each :class:`~streamflow.connectors.Record` and
+decode only in a stage (:func:`streamflow.connectors.decode`), so malformed input meets that stage's
 error policy; sinks call ``encode``. Never pickle: these codecs are safe on a network path.
 
 The contract of every codec here, on any bytes at all: ``decode`` either returns a value or
 raises :class:`ValueError` (or a subclass: ``UnicodeDecodeError``, ``json.JSONDecodeError``,
-:class:`~connectors.tensors.TensorFormatError`), never anything else; and whatever ``decode``
+:class:`~streamflow.connectors.tensors.TensorFormatError`), never anything else; and whatever ``decode``
 returns, ``encode`` accepts, and decoding that encoding gives the value back. So a value read
 from a source can always be written to a sink with the same codec.
 """
@@ -46,7 +46,7 @@ class Codec(Protocol[_T]):
 
     ``decode`` raises on malformed input and never returns a partial value; the codecs of this
     package raise only :class:`ValueError` (or a subclass), and a codec of your own should too
-    (the decode stage turns any :class:`Exception` into a :class:`~connectors.DecodeError`).
+    (the decode stage turns any :class:`Exception` into a :class:`~streamflow.connectors.DecodeError`).
     Whatever ``decode`` returns, ``encode`` must accept, and ``decode(encode(value))`` must equal
     ``value``. ``name`` is used in logs and dead letters.
     """

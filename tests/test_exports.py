@@ -25,7 +25,7 @@ def test_no_private_names_exported() -> None:
     assert all(not name.startswith("_") for name in sf.__all__)
     public = {n for n in dir(sf) if not n.startswith("_")}
     # submodules (private ones start with "_") and the documented extras are all that is left
-    assert public - set(sf.__all__) <= {"testing", "parallel", "contrib"}
+    assert public - set(sf.__all__) <= {"testing", "parallel", "contrib", "connectors"}
 
 
 def test_typed_marker_ships() -> None:

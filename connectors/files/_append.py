@@ -27,7 +27,7 @@ log = structlog.get_logger("streamflow")
 
 class LinesSink:
     """Append each item to the file at ``path`` as one line (``codec``-encoded, or a
-    :class:`~connectors.Record`'s raw bytes), creating the file if needed.
+    :class:`~streamflow.connectors.Record`'s raw bytes), creating the file if needed.
 
     Guarantee: ``send`` returns once the whole line, newline included, was written with one
     ``write`` to a descriptor opened with ``O_APPEND`` (and, with ``fsync=True``, flushed to

@@ -32,9 +32,9 @@ _SKIP_CHUNK = 1 << 20
 
 
 class LinesSource:
-    """Yield each line of the file at ``path`` as a :class:`~connectors.Record` (the line's
+    """Yield each line of the file at ``path`` as a :class:`~streamflow.connectors.Record` (the line's
     bytes without its line end; ``position`` is its ``line`` number, from 1, and byte
-    ``offset``), decoded with ``codec`` by :func:`connectors.decode`.
+    ``offset``), decoded with ``codec`` by :func:`streamflow.connectors.decode`.
 
     ``follow=True`` works like ``tail -F``: at the end of the file it waits for more (polling
     every ``poll_interval`` s, waiting for the file to appear if needed) and never ends by

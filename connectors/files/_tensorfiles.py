@@ -149,10 +149,10 @@ def _to_numpy(value: Any) -> Any:
 
 class TensorFileSource:
     """Yield the ``.npy``, ``.safetensors`` and ``.sft`` files of ``directory`` in name order,
-    one :class:`~connectors.Record` per file (the file's bytes, read into a writable buffer;
-    ``position``: ``file`` name and ``index``). :func:`connectors.decode` turns a ``.npy`` or
+    one :class:`~streamflow.connectors.Record` per file (the file's bytes, read into a writable buffer;
+    ``position``: ``file`` name and ``index``). :func:`streamflow.connectors.decode` turns a ``.npy`` or
     ``.sft`` into a tensor (an array with ``framework="numpy"``; ``.sft`` files decode without
-    a copy, and with ``with_meta=True`` as :class:`~connectors.tensors.Tagged` with their
+    a copy, and with ``with_meta=True`` as :class:`~streamflow.connectors.tensors.Tagged` with their
     metadata) and a ``.safetensors`` into a dict of tensors. ``directory`` may also be a
     single file.
 
@@ -287,7 +287,7 @@ def _read(path: Path) -> bytearray:
 class TensorFileSink:
     """Write each item to its own file in ``directory``: a tensor or array as ``.npy``, a dict
     of tensors (or one tensor, named ``"tensor"``) as ``.safetensors``, or a tensor (or a
-    :class:`~connectors.tensors.Tagged` tensor with metadata) in the connectors' tensor wire
+    :class:`~streamflow.connectors.tensors.Tagged` tensor with metadata) in the connectors' tensor wire
     format as ``.sft``.
 
     Guarantee: each file is written to a hidden temporary name, flushed to disk and renamed

@@ -60,7 +60,7 @@ class KafkaSink:
     The producer runs with ``acks="all"`` and idempotence on, so an item is acked (and its
     source may commit) only when every in-sync replica has it. Items may be:
 
-    - a :class:`~connectors.Record` (from any source of this package): produced raw, with
+    - a :class:`~streamflow.connectors.Record` (from any source of this package): produced raw, with
       its key and headers (a tombstone, ``raw is None``, stays a tombstone);
     - a :class:`KafkaMessage`: explicit key, headers, topic, partition;
     - anything else: encoded with ``codec``, keyed by ``key(item)`` when given.
@@ -70,7 +70,7 @@ class KafkaSink:
     ``batched=True``: ``send`` then takes a list, produces every element and returns when the
     broker confirmed them all (the fastest way: one wait per batch, not one task per item).
     A broker that is unreachable is retried with backoff; after ``reconnect_timeout`` seconds
-    the flow fails with :class:`~connectors.BrokerUnavailable`. Retrying after a timeout may
+    the flow fails with :class:`~streamflow.connectors.BrokerUnavailable`. Retrying after a timeout may
     write an item twice (at least once).
     """
 

@@ -75,9 +75,9 @@ class _Partition:
 class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
     """Consume ``topics`` as a member of consumer group ``group_id``, at least once.
 
-    Yields :class:`streamflow.Message` envelopes around :class:`~connectors.Record` (raw
+    Yields :class:`streamflow.Message` envelopes around :class:`~streamflow.connectors.Record` (raw
     value, key, headers, timestamp; ``position`` is ``topic``/``partition``/``offset``);
-    decode them with a ``map(..., connectors.decode)`` stage so malformed values meet its
+    decode them with a ``map(..., streamflow.connectors.decode)`` stage so malformed values meet its
     error policy.
 
     Delivery: offsets are committed only up to the first record the flow has not finished, per
@@ -94,7 +94,7 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
 
     Outages: aiokafka reconnects by itself; a broker that stays unreachable (no fetch, commit
     or metadata probe succeeds) for ``reconnect_timeout`` seconds fails the flow with
-    :class:`~connectors.BrokerUnavailable`. ``security`` passes TLS/SASL settings; any other
+    :class:`~streamflow.connectors.BrokerUnavailable`. ``security`` passes TLS/SASL settings; any other
     ``AIOKafkaConsumer`` option goes in ``**consumer_options``. Single use: one flow run.
     """
 

@@ -57,9 +57,9 @@ async def start_client(
     """A started client from ``make()`` (built with ``options``); a failed start is stopped
     and retried with backoff.
 
-    :raises ~connectors.AuthenticationFailed: a broker answered but refused the credentials
+    :raises ~streamflow.connectors.AuthenticationFailed: a broker answered but refused the credentials
         or the TLS handshake (retrying cannot help; aiokafka itself only logs why).
-    :raises ~connectors.BrokerUnavailable: the broker stayed unreachable ``give_up_after`` s.
+    :raises ~streamflow.connectors.BrokerUnavailable: the broker stayed unreachable ``give_up_after`` s.
 
     A SASL password in ``options`` is redacted from aiokafka's log records from then on.
     """

@@ -17,7 +17,7 @@ _REFUSED = frozenset({4, 5, 0x86, 0x87})
 
 
 def raise_if_refused(error: aiomqtt.MqttError, what: str) -> None:
-    """Raise :class:`~connectors.AuthenticationFailed` when the broker refused the login or
+    """Raise :class:`~streamflow.connectors.AuthenticationFailed` when the broker refused the login or
     the subscription, or its certificate failed verification: retrying with the same
     credentials or trust cannot succeed."""
     handshake = error.__cause__ or error.__context__

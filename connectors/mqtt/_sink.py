@@ -41,8 +41,8 @@ class MqttSink:
     item is acked only then; QoS 0 returns once the message is handed to the socket. A lost
     connection is re-established with backoff and the message published again (at least
     once); after ``reconnect_timeout`` seconds the flow fails with
-    :class:`~connectors.BrokerUnavailable`; a refused login, or a broker certificate that
-    ``tls_context`` does not trust, fails at once with :class:`~connectors.AuthenticationFailed`.
+    :class:`~streamflow.connectors.BrokerUnavailable`; a refused login, or a broker certificate that
+    ``tls_context`` does not trust, fails at once with :class:`~streamflow.connectors.AuthenticationFailed`.
     ``timeout`` bounds the wait for one PUBACK.
     """
 

@@ -45,7 +45,7 @@ class MqttSourceStats:
 
 class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
     """Subscribe to ``topics`` (wildcards ``+`` and ``#`` allowed) and yield each message as a
-    :class:`~connectors.Record` (``position``: ``topic``, ``mid``, ``qos``).
+    :class:`~streamflow.connectors.Record` (``position``: ``topic``, ``mid``, ``qos``).
 
     QoS 1 (default): the broker's PUBLISH is acknowledged only once the flow has finished the
     message (and every message received before it: MQTT requires acknowledgements in order).
@@ -58,9 +58,9 @@ class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
 
     A lost connection is re-established with backoff (re-subscribing); after
     ``reconnect_timeout`` seconds without one the flow fails with
-    :class:`~connectors.BrokerUnavailable`. A refused login or subscription, or a broker
+    :class:`~streamflow.connectors.BrokerUnavailable`. A refused login or subscription, or a broker
     certificate that ``tls_context`` does not trust, fails it at once with
-    :class:`~connectors.AuthenticationFailed`. Messages received on the old connection and
+    :class:`~streamflow.connectors.AuthenticationFailed`. Messages received on the old connection and
     finished afterwards cannot be acknowledged any more; with a persistent session the broker
     sends them again.
     """

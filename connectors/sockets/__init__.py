@@ -1,9 +1,9 @@
 """TCP and Unix-socket sources and sinks with length-prefixed frames (standard library only).
 
 Frame: a 4-byte big-endian length, then the payload. Sources yield
-:class:`~connectors.Record` values (decode them with :func:`connectors.decode`), or with
-``batched=True`` lists of them (:func:`connectors.decode_batch`); with
-:data:`connectors.tensors.TENSOR` large tensors travel without copies on either side.
+:class:`~streamflow.connectors.Record` values (decode them with :func:`streamflow.connectors.decode`), or with
+``batched=True`` lists of them (:func:`streamflow.connectors.decode_batch`); with
+:data:`streamflow.connectors.tensors.TENSOR` large tensors travel without copies on either side.
 Servers bind to ``127.0.0.1`` unless told otherwise.
 """
 

@@ -24,7 +24,7 @@ log = get_logger("streamflow")
 
 class ClientSink:
     """Connect to ``host``/``port`` (or the Unix socket ``path``) and write each item as one
-    length-prefixed frame (a :class:`~connectors.Record` raw, anything else with ``codec``;
+    length-prefixed frame (a :class:`~streamflow.connectors.Record` raw, anything else with ``codec``;
     tensors are written from their own memory, without a joined copy).
 
     ``send`` returns once the frame is handed to the kernel and the write buffer is below its
@@ -32,7 +32,7 @@ class ClientSink:
     there is no application-level acknowledgement, and a frame written just before the
     connection broke may be lost. On a broken connection the sink reconnects with backoff and
     writes the frame again; after ``reconnect_timeout`` seconds it fails the flow with
-    :class:`~connectors.BrokerUnavailable`.
+    :class:`~streamflow.connectors.BrokerUnavailable`.
 
     ``batched=True``: ``send`` takes a list (put a ``batch`` stage before the sink), writes
     one frame per element and waits for the write buffer once for the whole list; after a

@@ -68,7 +68,7 @@ def _check_max_batch(max_batch: int) -> int:
 class ServerSource(_InboxReader, Listening):
     """Listen on ``host``/``port`` (TCP, ``127.0.0.1`` by default; ``port=0`` picks a free
     one) or ``path`` (Unix socket) and yield every length-prefixed frame any client sends, as
-    :class:`~connectors.Record` values (``position``: ``peer`` and ``frame`` number).
+    :class:`~streamflow.connectors.Record` values (``position``: ``peer`` and ``frame`` number).
 
     Frames of one connection stay in order. At most ``max_connections`` clients at once (more
     are accepted and closed at once, logged as ``connector.connection_refused``); frames above
@@ -79,7 +79,7 @@ class ServerSource(_InboxReader, Listening):
 
     ``batched=True``: each item is a list of the frames received and not yet taken (at least
     one, at most ``max_batch``), so the flow's per-item work is paid once per list rather
-    than once per frame; decode it with :func:`connectors.decode_batch`. Frames wait for
+    than once per frame; decode it with :func:`streamflow.connectors.decode_batch`. Frames wait for
     nothing: a list holds what arrived while the flow was busy with the one before. Lists
     of a few dozen frames are best: the objects of a longer list live long enough for
     Python's garbage collector to move them to an older generation, and collecting those
@@ -200,11 +200,11 @@ class _Refuse(asyncio.Protocol):
 
 class ClientSource(_InboxReader):
     """Connect to ``host``/``port`` (or the Unix socket ``path``) and yield the frames the
-    server sends, as :class:`~connectors.Record` values.
+    server sends, as :class:`~streamflow.connectors.Record` values.
 
     The stream ends when the server closes the connection at a frame boundary. A refused or
     broken connection is retried with backoff; after ``reconnect_timeout`` seconds without a
-    connection the flow fails with :class:`~connectors.BrokerUnavailable`. Framing errors,
+    connection the flow fails with :class:`~streamflow.connectors.BrokerUnavailable`. Framing errors,
     backpressure, ``batched`` and ``max_batch`` work as for :class:`ServerSource`.
     """
 

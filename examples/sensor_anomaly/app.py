@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from streamflow.connectors.kafka import KafkaSink
+from streamflow.connectors.mqtt import MqttSource
 
-import connectors
 import streamflow as sf
-from connectors.kafka import KafkaSink
-from connectors.mqtt import MqttSource
+from streamflow import connectors
 
 from .model import AutoEncoder, train
 

@@ -6,9 +6,9 @@ import asyncio
 import random
 
 import torch
+from streamflow.connectors.mqtt import MqttMessage, MqttSink
 
-import connectors
-from connectors.mqtt import MqttMessage, MqttSink
+from streamflow import connectors
 
 from .model import anomalous_readings, normal_readings
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import connectors
+from streamflow.connectors.files import LinesSink
+from streamflow.connectors.kafka import KafkaSource
+
 import streamflow as sf
-from connectors.files import LinesSink
-from connectors.kafka import KafkaSource
+from streamflow import connectors
 
 
 async def pace(value: bytes) -> bytes:

@@ -10,12 +10,18 @@ import struct
 import numpy as np
 import pytest
 import torch
+from streamflow.connectors import JSON, TEXT, CsvCodec, DecodeError, JsonCodec, Record, TextCodec
+from streamflow.connectors._inorder import InOrder
+from streamflow.connectors.tensors import (
+    TENSOR,
+    Tagged,
+    TensorCodec,
+    TensorFormatError,
+    decode_tensor,
+)
 from structlog.testing import capture_logs
 
-import connectors
-from connectors import JSON, TEXT, CsvCodec, DecodeError, JsonCodec, Record, TextCodec
-from connectors._inorder import InOrder
-from connectors.tensors import TENSOR, Tagged, TensorCodec, TensorFormatError, decode_tensor
+from streamflow import connectors
 
 
 @pytest.mark.parametrize(
@@ -146,7 +152,7 @@ def test_decode_raises_and_logs_source_and_position() -> None:
     flagged = Record(b"", "tcp:x", {"frame": 3}, error="truncated frame")
     with pytest.raises(DecodeError, match="truncated frame"):
         connectors.decode(flagged)
-    with pytest.raises(TypeError, match="expects a connectors.Record"):
+    with pytest.raises(TypeError, match="expects a streamflow.connectors.Record"):
         connectors.decode(b"raw")  # type: ignore[arg-type]
 
 

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-
-from connectors import BYTES, JSON, CsvCodec, JsonCodec, TextCodec
-from connectors.codecs import json_depth
-from connectors.tensors import (
+from streamflow.connectors import BYTES, JSON, CsvCodec, JsonCodec, TextCodec
+from streamflow.connectors.codecs import json_depth
+from streamflow.connectors.tensors import (
     _DTYPES,
     MAX_HEADER_DEPTH,
     Tagged,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from streamflow.connectors.mqtt import MqttSink
 
-from connectors.mqtt import MqttSink
 from examples.sensor_anomaly.app import Settings, build
 from examples.sensor_anomaly.sensors import publish_readings
 

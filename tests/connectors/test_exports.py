@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 
 MODULES = [
-    "connectors",
-    "connectors.codecs",
-    "connectors.tensors",
-    "connectors.kafka",
-    "connectors.mqtt",
-    "connectors.sockets",
-    "connectors.files",
+    "streamflow.connectors",
+    "streamflow.connectors.codecs",
+    "streamflow.connectors.tensors",
+    "streamflow.connectors.kafka",
+    "streamflow.connectors.mqtt",
+    "streamflow.connectors.sockets",
+    "streamflow.connectors.files",
 ]
 
 
@@ -41,7 +42,20 @@ def test_the_core_never_imports_a_connector_library() -> None:
 
     code = (
         "import sys, streamflow, streamflow.testing\n"
-        "bad = [m for m in ('aiokafka', 'aiomqtt', 'paho', 'connectors') if m in sys.modules]\n"
+        "bad = [m for m in ('aiokafka', 'aiomqtt', 'paho', 'streamflow.connectors') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_connectors_install_under_streamflow_only() -> None:
+    """The folder is connectors/ at the top of the repository; installed, it is
+    streamflow.connectors, and no top-level ``connectors`` package is installed."""
+    from importlib.metadata import distribution
+
+    import streamflow.connectors
+
+    assert streamflow.connectors.__name__ == "streamflow.connectors"
+    assert Path(streamflow.connectors.__file__).parent.name == "connectors"
+    top_level = (distribution("streamflow").read_text("top_level.txt") or "").split()
+    assert top_level == ["streamflow"]

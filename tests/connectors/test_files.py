@@ -12,11 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from structlog.testing import capture_logs
-
-import connectors
-import streamflow as sf
-from connectors.files import (
+from streamflow.connectors.files import (
     CsvSink,
     CsvSource,
     DeadLetterFile,
@@ -28,6 +24,10 @@ from connectors.files import (
     TensorFileSink,
     TensorFileSource,
 )
+from structlog.testing import capture_logs
+
+import streamflow as sf
+from streamflow import connectors
 
 from ._wait import until
 

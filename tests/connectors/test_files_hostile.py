@@ -21,11 +21,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import connectors
-import streamflow as sf
-from connectors.codecs import CsvCodec
-from connectors.files import (
+from streamflow.connectors.codecs import CsvCodec
+from streamflow.connectors.files import (
     CsvSource,
     DeadLetterFile,
     FilePosition,
@@ -33,7 +30,10 @@ from connectors.files import (
     LinesSource,
     TensorFileSource,
 )
-from connectors.files._split import PAUSE, RAW_PREFIX, Piece, Splitter
+from streamflow.connectors.files._split import PAUSE, RAW_PREFIX, Piece, Splitter
+
+import streamflow as sf
+from streamflow import connectors
 from streamflow.testing import LoopLag, loop_lag
 
 from ._wait import until
@@ -471,7 +471,7 @@ async def test_csv_header_not_utf8_names_the_file_line_and_offset(tmp_path: Path
     assert isinstance(exc, ValueError)
     assert str(path) in str(exc) and "line 1" in str(exc) and "offset 4" in str(exc)
     assert "UTF-8" in str(exc) and "0xff" in str(exc)
-    from connectors.files import CsvHeaderError
+    from streamflow.connectors.files import CsvHeaderError
 
     assert isinstance(exc, CsvHeaderError) and isinstance(exc, connectors.ConnectorError)
     assert (exc.path, exc.line, exc.offset) == (path, 1, 4)
@@ -531,8 +531,7 @@ def test_npy_format_versions_and_unicode_field_names(version: tuple[int, int]) -
     """Every .npy format version; 3.0 is what numpy writes for field names beyond latin-1
     (numpy has no public reader for its header: read as 2.0, the names came out garbled)."""
     from numpy.lib import format as npformat
-
-    from connectors.files import NpyCodec
+    from streamflow.connectors.files import NpyCodec
 
     names = ("λ", "µs") if version == (3, 0) else ("x", "µs")  # λ is not latin-1
     array = np.array([(1.5, 2), (3.5, 4)], dtype=[(names[0], ">f4"), (names[1], "<i2")])

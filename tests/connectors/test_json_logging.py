@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import structlog
+from streamflow.connectors.files import JsonLinesSink, JsonLinesSource
+from streamflow.connectors.kafka import KafkaSink, KafkaSource
+from streamflow.connectors.mqtt import MqttSink, MqttSource
+from streamflow.connectors.sockets import ClientSink, ServerSource
 
-import connectors
 import streamflow as sf
-from connectors.files import JsonLinesSink, JsonLinesSource
-from connectors.kafka import KafkaSink, KafkaSource
-from connectors.mqtt import MqttSink, MqttSource
-from connectors.sockets import ClientSink, ServerSource
+from streamflow import connectors
 
 from ._kafka import create_topic
 from ._wait import until

@@ -13,11 +13,17 @@ from typing import Any
 
 import pytest
 import torch
+from streamflow.connectors.kafka import (
+    DeadLetterTopic,
+    KafkaMessage,
+    KafkaSink,
+    KafkaSource,
+    Security,
+)
 from structlog.testing import capture_logs
 
-import connectors
 import streamflow as sf
-from connectors.kafka import DeadLetterTopic, KafkaMessage, KafkaSink, KafkaSource, Security
+from streamflow import connectors
 
 from ._kafka import committed, create_topic, produce, read_all
 from ._wait import until
@@ -77,7 +83,7 @@ async def test_batched_sink_acks_each_batch_after_the_broker(kafka: str, name: s
 
 
 async def test_tensors_travel_through_kafka_with_the_shared_codec(kafka: str, name: str) -> None:
-    from connectors.tensors import TENSOR, Tagged, TensorCodec
+    from streamflow.connectors.tensors import TENSOR, Tagged, TensorCodec
 
     tensors = [torch.randn(4, 5) for _ in range(10)]
     flow = sf.Flow("tensors-out")

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from streamflow.connectors.kafka import KafkaMessage, KafkaSink, KafkaSource, Security
 
-import connectors
 import streamflow as sf
-from connectors.kafka import KafkaMessage, KafkaSink, KafkaSource, Security
+from streamflow import connectors
 
 from ._kafka import create_topic, read_all
 from ._wait import until

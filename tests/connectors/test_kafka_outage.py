@@ -6,11 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from streamflow.connectors.kafka import KafkaSink, KafkaSource
 from structlog.testing import capture_logs
 
-import connectors
 import streamflow as sf
-from connectors.kafka import KafkaSink, KafkaSource
+from streamflow import connectors
 
 from ._kafka import create_topic
 from .conftest import ROOT

@@ -11,11 +11,11 @@ import time
 from typing import Any
 
 import pytest
+from streamflow.connectors.mqtt import MqttMessage, MqttSink, MqttSource
 from structlog.testing import capture_logs
 
-import connectors
 import streamflow as sf
-from connectors.mqtt import MqttMessage, MqttSink, MqttSource
+from streamflow import connectors
 
 from ._wait import until
 from .conftest import answers, broker_script, project_tls

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import torch
+from streamflow.connectors.sockets import ClientSink, ClientSource, ServerSink, ServerSource
+from streamflow.connectors.tensors import TENSOR, TensorCodec
 from structlog.testing import capture_logs
 
-import connectors
 import streamflow as sf
-from connectors.sockets import ClientSink, ClientSource, ServerSink, ServerSource
-from connectors.tensors import TENSOR, TensorCodec
+from streamflow import connectors
 
 from ._wait import until
 
@@ -222,7 +222,9 @@ async def test_a_batched_source_yields_what_arrived_together_in_order() -> None:
     assert all(torch.equal(a, b) for a, b in zip(got, frames, strict=True))
     assert max(map(len, lists)) > 1 and max(map(len, lists)) <= 50
     assert flow.metrics()["decode"].items_in == len(lists) < 300
-    with pytest.raises(TypeError, match="expects connectors.Record values, got bytes at index 1"):
+    with pytest.raises(
+        TypeError, match="expects streamflow.connectors.Record values, got bytes at index 1"
+    ):
         connectors.decode_batch([connectors.Record(b"", "x", {}), b"raw"])
     with pytest.raises(ValueError, match="max_batch must be an int >= 1, got 0"):
         ClientSource(port=1, batched=True, max_batch=0)

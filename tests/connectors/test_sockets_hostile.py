@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from streamflow.connectors.sockets import ServerSource
+from streamflow.connectors.sockets._framing import _CHUNK, _RING, FrameReader, Inbox
+from streamflow.connectors.sockets._source import DEFAULT_MAX_FRAME
 
-import connectors
 import streamflow as sf
-from connectors.sockets import ServerSource
-from connectors.sockets._framing import _CHUNK, _RING, FrameReader, Inbox
-from connectors.sockets._source import DEFAULT_MAX_FRAME
+from streamflow import connectors
 from streamflow.testing import loop_lag
 
 from ._wait import until
