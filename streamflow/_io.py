@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Sink", "SinkFunction", "Source", "collect", "iterate"]
+__all__ = ["Sink", "Source", "collect", "iterate"]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -42,9 +42,6 @@ class Sink(Protocol[T_contra]):
     """
 
     async def send(self, item: T_contra, /) -> None: ...
-
-
-SinkFunction = Callable[[Any], Awaitable[None]]
 
 
 class iterate(Generic[T]):
