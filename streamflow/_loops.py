@@ -289,9 +289,15 @@ async def tasks(r: FunctionRunner) -> None:
     running: deque[asyncio.Task[tuple[Message[Any], bool, Any]]] = deque()
     closed = False
 
+    direct = r.invoke.is_async and r.spec.kind != "flat_map"
+    call, envelope, recover = r.fn if direct else r.invoke, r.spec.envelope, r.recover
+
     async def one(msg: Message[Any]) -> tuple[Message[Any], bool, Any]:
         t0 = _perf()
-        ok, value = await r.call_one(msg)
+        try:  # one coroutine layer per item: the function's own (or the invoker's)
+            ok, value = True, await call(msg if envelope else msg.value)
+        except Exception as exc:
+            ok, value = await recover(msg, exc)
         c.record(_perf() - t0)
         return msg, ok, value
 

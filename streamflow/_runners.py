@@ -199,13 +199,6 @@ class FunctionRunner(Runner):
         with anyio.CancelScope(shield=True):
             await self._lifecycle(self.stage.teardown, "teardown")
 
-    async def call_one(self, msg: Message[Any]) -> tuple[bool, Any]:
-        """Call the function on one item, applying the error policy: ``(ok, result)``."""
-        try:
-            return True, await self.invoke(msg if self.spec.envelope else msg.value)
-        except Exception as exc:
-            return await self.recover(msg, exc)
-
 
 _NO_ARG: Any = object()
 
