@@ -58,8 +58,10 @@ async def inline(r: FunctionRunner) -> None:
     awaitable = inspect.isawaitable
     while run := await next_run():
         t0 = _perf()
-        state = _Run(r, run, loop) if len(run) > 1 else None
-        results = state.results if state is not None else []
+        results: list[Any] = []
+        # only an await can suspend the task: a plain function's run needs watching only
+        # once one of its results turns out to be awaitable
+        state = _Run(r, run, results, loop) if awaited and len(run) > 1 else None
         try:
             for msg in run:
                 if awaited:
@@ -68,6 +70,8 @@ async def inline(r: FunctionRunner) -> None:
                     value = call(msg if envelope else msg.value)
                     if type(value) not in plain:
                         if awaitable(value):
+                            if state is None and len(run) > 1:
+                                state = _Run(r, run, results, loop)
                             value = await value
                         else:
                             plain.add(type(value))
@@ -94,12 +98,16 @@ class _Run:
     __slots__ = ("armed", "loop", "ok", "r", "results", "settled", "unsent")
 
     def __init__(
-        self, r: FunctionRunner, run: list[Message[Any]], loop: asyncio.AbstractEventLoop
+        self,
+        r: FunctionRunner,
+        run: list[Message[Any]],
+        results: list[Any],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.r = r
         self.loop = loop
         self.ok = run  # the messages that succeeded (the run itself until one fails)
-        self.results: list[Any] = []
+        self.results = results  # theirs, in order (the loop appends to this list)
         self.settled = 0
         self.unsent: list[Message[Any]] | None = None
         self.armed = True

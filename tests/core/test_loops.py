@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 import streamflow as sf
+import streamflow.testing
 
 
 def plain(x: Any) -> Any:
@@ -102,3 +103,51 @@ def test_structural_stages_have_their_own_loops() -> None:
         "u": "unbatch",
         "o": "inline",
     }
+
+
+@pytest.mark.asyncio
+async def test_an_item_that_waits_never_holds_back_the_items_before_it() -> None:
+    """Items move in runs, but when the function really waits on one item, the items of
+    the run finished before it reach the sink meanwhile."""
+    release = asyncio.Event()
+    out: list[int] = []
+
+    async def slow_at_40(x: int) -> int:
+        if x == 40:
+            await release.wait()
+        return x
+
+    flow = sf.Flow("runs")
+    flow.source("n", range(60)).map("slow", slow_at_40, capacity=64).sink(
+        "out", sf.collect(out), capacity=64
+    )
+    async with flow.start() as running:
+        for _ in range(200):
+            if len(out) == 40:
+                break
+            await asyncio.sleep(0.005)
+        assert out == list(range(40))  # 0..39 went on while 40 waits
+        release.set()
+        await running.wait()
+    assert out == list(range(60))
+
+
+@pytest.mark.asyncio
+async def test_a_slow_stage_holds_its_run_inside_its_capacity() -> None:
+    """The run a stage has taken still counts against its inbox: a stage busy with a run
+    of 4 (capacity 4) lets its sender put nothing more until it comes back for more."""
+    source = sf.testing.MemorySource(range(100))
+    gate = asyncio.Event()
+
+    async def wait_first(x: int) -> int:
+        await gate.wait()
+        return x
+
+    flow = sf.Flow("held")
+    flow.source("s", source).map("w", wait_first, capacity=4).sink("o", sf.collect())
+    async with flow.start() as running:
+        await asyncio.sleep(0.05)
+        m = running.metrics()["w"]
+        assert m.queue_depth == 4 and source.taken <= 4 + 1  # the run in hand, one in the send
+        gate.set()
+        await running.wait()
