@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -12,19 +13,27 @@ pytestmark = pytest.mark.asyncio
 
 
 async def test_two_stages_failing_at_the_same_moment_are_both_reported() -> None:
-    both = threading.Barrier(2)
+    """Two worker threads raise while the event loop is busy elsewhere, so both failures
+    are there when the loop looks: the flow raises one and attaches the other."""
+    together = threading.Barrier(3)
 
     def fail(name: str) -> object:
         def fn(item: int) -> int:
-            both.wait(timeout=5)  # the two workers raise together
+            together.wait(timeout=5)
             raise ValueError(f"{name} broke on {item}")
 
         return fn
+
+    def busy(item: int) -> int:  # on the loop: holds it while both workers raise
+        together.wait(timeout=5)
+        time.sleep(0.1)
+        return item
 
     flow = sf.Flow("twice")
     items = flow.source("items", [1])
     items.map("left", fail("left"), device="cpu:0").sink("l", sf.collect())
     items.map("right", fail("right"), device="cpu:1").sink("r", sf.collect())
+    items.map("busy", busy).sink("b", sf.collect())
     with pytest.raises(sf.StageError) as info:
         await flow.run()
     error = info.value
