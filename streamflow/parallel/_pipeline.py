@@ -61,7 +61,7 @@ def pipeline(
     per input batch, the model runs on the event loop itself, like a plain ``def`` stage: handing
     such a small piece of work to a thread (and sharing the GIL with it) would cost more than
     the work. Set ``inline_below=0`` to always use a worker thread. Use the result as
-    ``stream.map("model", pipe)`` or ``pipe.stream(items)``.
+    ``stream.map("model", pipe)`` or ``pipe.open(items)``.
     """
     devs = _resolve_devices(devices)
     layers = named_layers(model, example)
