@@ -178,7 +178,7 @@ async def worker(r: FunctionRunner) -> None:
     """A plain function on the stage's worker thread: each run of queued items is one job
     there (one thread hop per run). The job stops at the first item that raises; that item
     goes to the error policy on the loop and the rest of the run is called item by item."""
-    recv, settle, c, emit, put = r.recv, r.settle, r.c, r.emit, r.put
+    recv, c = r.recv, r.c
     assert recv is not None and r.worker is not None
     next_run, envelope = recv.next_run, r.spec.envelope
     flat = r.spec.kind == "flat_map"
@@ -208,9 +208,7 @@ async def worker(r: FunctionRunner) -> None:
             results = [await _to_list(v) if isinstance(v, AsyncIterable) else v for v in results]
         t1 = _perf()
         c.record_run(t1 - t0, len(run))
-        out = settle(ok, results, c, t1)
-        if out and not put(out):
-            await emit(out)
+        await r.pass_on(ok, results, t1)
 
 
 class _Stopped(Exception):
@@ -226,7 +224,7 @@ async def window(r: FunctionRunner) -> None:
     """A plain function on the loop that starts work and returns a future (a pipelined
     model): up to ``concurrency`` calls ahead, results settled in input order. Results that
     are already there are read without awaiting, and settled and emitted as one run."""
-    recv, settle, recover, c, emit, fn = r.recv, r.settle, r.recover, r.c, r.emit, r.fn
+    recv, recover, c, fn = r.recv, r.recover, r.c, r.fn
     assert recv is not None
     k = r.spec.concurrency
     future_type = asyncio.Future
@@ -281,16 +279,14 @@ async def window(r: FunctionRunner) -> None:
             ok.append(msg)
             results.append(value)
         if ok:
-            out = settle(ok, results, c, _perf())
-            if out:
-                await emit(out)
+            await r.pass_on(ok, results, _perf())
 
 
 async def tasks(r: FunctionRunner) -> None:
     """Up to ``concurrency`` items at once, one task each; emitted in input order unless
     ``ordered=False`` (then as they complete). A new item starts as soon as it arrives and
     there is room; a failure surfaces when it is the item's turn to be emitted."""
-    recv, settle, c, emit = r.recv, r.settle, r.c, r.emit
+    recv, c = r.recv, r.c
     assert recv is not None
     k, ordered = r.spec.concurrency, r.spec.ordered
     loop = asyncio.get_running_loop()
@@ -349,9 +345,7 @@ async def tasks(r: FunctionRunner) -> None:
                     ok.append(msg)
                     results.append(value)
             if ok:
-                out = settle(ok, results, c, _perf())
-                if out:
-                    await emit(out)
+                await r.pass_on(ok, results, _perf())
     finally:
         for task in running:
             task.cancel()

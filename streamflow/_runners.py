@@ -165,6 +165,13 @@ class FunctionRunner(Runner):
             await self._open(stack)
             await self.loop(self)
 
+    async def pass_on(self, ok: list[Message[Any]], results: list[Any], now: float) -> None:
+        """Settle the items whose call succeeded (``results``, in order) and send on what
+        goes on: the end of every loop but the inline one's hot path."""
+        out = self.settle(ok, results, self.c, now)
+        if out and not self.put(out):
+            await self.emit(out)
+
     async def _open(self, stack: AsyncExitStack) -> None:
         """Enter what the stage holds: a Stage's life cycle, a sink's and dead-letter's context."""
         spec = self.spec
