@@ -11,7 +11,7 @@ from pathlib import Path
 from ._devices import check_devices, is_cuda, timing_class
 from ._serial import dump_document, load_document
 
-__all__ = ["HandoffModel", "LayerProfile", "Profile"]
+__all__ = ["HandoffModel", "LayerProfile", "Profile", "provenance_pairs"]
 
 _KIND = "streamflow.profile"
 
@@ -28,6 +28,23 @@ def _check_bytes(owner: str, name: str, value: int) -> None:
         raise TypeError(f"{owner}.{name} must be an int number of bytes, got {value!r}")
     if value < 0:
         raise ValueError(f"{owner}.{name} must be >= 0, got {value!r}")
+
+
+def provenance_pairs(
+    value: Mapping[str, str] | Sequence[Sequence[str]],
+) -> tuple[tuple[str, str], ...]:
+    """``(input, note)`` string pairs from a mapping or a sequence of pairs, in order."""
+    items = list(value.items()) if isinstance(value, Mapping) else list(value)
+    pairs = []
+    for item in items:
+        if (
+            not isinstance(item, (list, tuple))
+            or len(item) != 2
+            or not all(isinstance(v, str) for v in item)
+        ):
+            raise ValueError(f"provenance must be (input, note) string pairs, got {item!r}")
+        pairs.append((item[0], item[1]))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,8 @@ class Profile:
     ``batch_size`` is the number of samples the times are for; ``input_bytes`` the size
     of one input batch. ``contention`` is how much slower CPU layers run when another CPU
     worker computes at the same time (shared memory bandwidth, the GIL); 1.0 if unmeasured.
+    ``provenance`` holds ``(input, how it was measured)`` pairs, e.g. ``("contention",
+    "1.34, measured on the cut [8, 8] ...")``; plans made from the profile carry them on.
     """
 
     layers: Sequence[LayerProfile]
@@ -83,8 +102,10 @@ class Profile:
     batch_size: int = 1
     input_bytes: int = 0
     contention: float = 1.0
+    provenance: Sequence[tuple[str, str]] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "provenance", provenance_pairs(self.provenance))
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "devices", check_devices(self.devices))
         object.__setattr__(self, "device_scale", dict(self.device_scale))
@@ -147,6 +168,7 @@ class Profile:
                 "device_scale": dict(self.device_scale),
                 "links": {key: asdict(link) for key, link in self.links.items()},
                 "layers": [asdict(layer) for layer in self.layers],
+                "provenance": [list(pair) for pair in self.provenance],
             },
         )
 
@@ -164,6 +186,7 @@ class Profile:
                 batch_size=data.get("batch_size", 1),
                 input_bytes=data.get("input_bytes", 0),
                 contention=data.get("contention", 1.0),
+                provenance=data.get("provenance", ()),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed {_KIND} document: {exc!r}") from exc

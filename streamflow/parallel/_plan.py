@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from ._costs import Profile
+from ._costs import Profile, provenance_pairs
 from ._devices import check_devices, is_cuda
 from ._search import Split, min_bottleneck, min_latency, min_stages_within
 from ._serial import dump_document, load_document
 
-__all__ = ["Objective", "Plan", "StagePlan", "plan"]
+__all__ = ["Objective", "Plan", "StagePlan", "check_partition", "plan", "plan_within"]
 
 Objective = Literal["throughput", "latency"]
 _OBJECTIVES = ("throughput", "latency")
@@ -62,7 +62,11 @@ class Plan:
     """A partition of a model's layers into pipeline stages, with predicted performance.
 
     ``predicted_throughput`` is samples/s (``batch_size`` / slowest stage time);
-    ``predicted_latency_s`` is the sum of all stage times for one batch.
+    ``predicted_latency_s`` is the sum of all stage times for one batch. ``provenance``
+    holds ``(input, how it was measured)`` pairs, e.g. ``("contention", "1.34, measured on
+    the cut [8, 8] ...")`` and ``("chosen by", "a measured trial of 2 candidates ...")``:
+    those of the profile it was planned from, plus how ``sf.pipeline`` or ``OnlineTrainer``
+    chose it; :meth:`table` prints them under the stages.
     """
 
     stages: Sequence[StagePlan]
@@ -70,9 +74,11 @@ class Plan:
     predicted_latency_s: float
     objective: str
     batch_size: int = 1
+    provenance: Sequence[tuple[str, str]] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "provenance", provenance_pairs(self.provenance))
         if self.objective not in _OBJECTIVES:
             raise ValueError(f"objective must be one of {_OBJECTIVES}, got {self.objective!r}")
         if not self.stages or self.stages[0].layer_start != 0:
@@ -98,6 +104,12 @@ class Plan:
         return max(s.time_s for s in self.stages)
 
     def __str__(self) -> str:
+        return self.table()
+
+    def table(self) -> str:
+        """The plan as text: a row per stage (layers, device, predicted ms, bytes out, layer
+        names), the predicted throughput and latency, then one line per ``provenance`` entry
+        saying how each input was measured and how the plan was chosen."""
         dev_w = max(6, *(len(s.device) for s in self.stages))
         rows = [
             f"{'stage':>5}  {'device':<{dev_w}}  {'layers':<12}  {'compute ms':>10}  "
@@ -121,6 +133,7 @@ class Plan:
             f"latency: {self.predicted_latency_s * 1e3:.3f} ms; "
             f"objective: {self.objective}"
         )
+        rows.extend(f"{key}: {note}" for key, note in self.provenance)
         return "\n".join(rows)
 
     def to_json(self) -> str:
@@ -133,6 +146,7 @@ class Plan:
                 "predicted_throughput": self.predicted_throughput,
                 "predicted_latency_s": self.predicted_latency_s,
                 "stages": [{**asdict(s), "layer_names": list(s.layer_names)} for s in self.stages],
+                "provenance": [list(pair) for pair in self.provenance],
             },
         )
 
@@ -147,6 +161,7 @@ class Plan:
                 predicted_latency_s=data["predicted_latency_s"],
                 objective=data["objective"],
                 batch_size=data.get("batch_size", 1),
+                provenance=data.get("provenance", ()),  # absent from older documents
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed {_KIND} document: {exc!r}") from exc
@@ -178,8 +193,23 @@ def plan(
     then lower total latency; stages whose bottleneck is within ``tolerance`` (relative)
     of the best count as ties. ``"latency"`` minimises the sum of stage times, then the
     stage count. ``partition`` (layers per stage) skips the search and places stage i on
-    ``devices[i]``. ``devices`` defaults to ``profile.devices``.
+    ``devices[i]``. ``devices`` defaults to ``profile.devices``. The plan carries the
+    profile's ``provenance``. Pure: nothing is measured, the same profile gives the same plan.
     """
+    return plan_within(profile, devices, objective, partition=partition, tolerance=tolerance)
+
+
+def plan_within(
+    profile: Profile,
+    devices: Sequence[str] | None = None,
+    objective: Objective = "throughput",
+    *,
+    partition: Sequence[int] | None = None,
+    tolerance: float = 0.0,
+    cuts: Collection[int] | None = None,
+) -> Plan:
+    """:func:`plan`, with the search's stage boundaries restricted to ``cuts`` (the layer
+    indices a stage other than the first may start at; every index when ``None``)."""
     devs = check_devices(
         profile.devices if devices is None else devices, distinct=partition is None
     )
@@ -204,7 +234,11 @@ def plan(
     cpu = [not is_cuda(d) for d in devs]
     busy = [scale[d] * (profile.contention if cpu[d] else 1.0) for d in range(len(devs))]
 
+    allowed = None if cuts is None else frozenset(cuts)
+
     def stage_s(start: int, end: int, dev: int, prev: int | None) -> float:
+        if start and allowed is not None and start not in allowed:
+            return math.inf
         return (prefix[end] - prefix[start]) * busy[dev] + transfer(start, prev, dev)
 
     def alone_s(dev: int) -> float:
@@ -254,17 +288,27 @@ def plan(
         predicted_latency_s=sum(s.time_s for s in stages),
         objective=objective,
         batch_size=profile.batch_size,
+        provenance=profile.provenance,
     )
 
 
-def _explicit(partition: Sequence[int], n: int, ndev: int) -> Split:
+def check_partition(
+    partition: Sequence[int], n: int, ndev: int, *, of: str = "the profile"
+) -> None:
+    """``ValueError`` unless ``partition`` is positive layer counts covering ``n`` layers in
+    at most ``ndev`` stages (``of`` names what has the layers, for the message)."""
     sizes = list(partition)
     if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
         raise ValueError(f"partition must be a non-empty list of positive ints, got {partition!r}")
     if sum(sizes) != n:
-        raise ValueError(f"partition {sizes} covers {sum(sizes)} layers but the profile has {n}")
+        raise ValueError(f"partition {sizes} covers {sum(sizes)} layers but {of} has {n}")
     if len(sizes) > ndev:
         raise ValueError(f"partition has {len(sizes)} stages but only {ndev} devices are given")
+
+
+def _explicit(partition: Sequence[int], n: int, ndev: int) -> Split:
+    check_partition(partition, n, ndev)
+    sizes = list(partition)
     split: Split = []
     start = 0
     for dev, size in enumerate(sizes):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import queue
 import statistics
 import threading
@@ -15,13 +16,21 @@ import torch
 from torch import nn
 
 from ._costs import HandoffModel, LayerProfile, Profile
-from ._devices import check_devices, is_cuda, parse_device, timing_class, torch_device
+from ._devices import check_devices, is_cuda, numbered_device, timing_class, torch_device
 from ._forward import layer_call
 from ._layers import named_layers, preserved_buffers
 
 __all__ = ["profile"]
 
-_HANDOFF_ROUNDS = 200
+_HANDOFF_BLOCKS = 5  # the hand-off latency: median of the medians of blocks of round trips
+_HANDOFF_ROUNDS = 64
+_CHAIN_BUDGET_S = 0.05  # layer times: more runs of the chain while they fit in this...
+_CHAIN_MAX_RUNS = 8  # ...up to this many times ``repeats``
+_PAIR_BLOCKS = 5  # contention: pairs of blocks, the cut's two stages alone then pipelined,
+_PAIR_BLOCK_S = 0.015  # each this long (or 8 predicted periods), the pipelined one after a
+_PAIR_WARMUP_S = 0.005  # warm-up this long (or 2 predicted periods)
+_PAIR_IN_FLIGHT = 16  # samples at most between the two threads (a pipeline part's capacity)
+_MAX_CONTENTION = 4.0
 _MIN_COPY_BYTES = 1 << 20
 _MAX_COPY_BYTES = 64 << 20
 _NO_ARG: Any = object()
@@ -37,13 +46,20 @@ def profile(
 ) -> Profile:
     """Profile each layer of ``model`` (see ``split_layers``) on the batch ``example``.
 
-    Layer times are medians over ``repeats`` runs after ``warmup`` runs, measured on
+    Layer times are medians over at least ``repeats`` runs of the whole chain after
+    ``warmup`` runs (more while they take under 50 ms, up to 8 x ``repeats``), measured on
     ``devices[0]``; a CPU worker is timed on the calling thread with one intra-op thread
     (the caller's thread count is restored). Other device kinds get a speed factor
     relative to it. Backward time is per layer in isolation (input requires grad, output
     gradient all ones), without touching ``.grad``; buffers (e.g. BatchNorm statistics)
-    are restored afterwards. Also measures the CPU-worker handoff (thread round trip / 2
-    plus a per-byte copy cost) and, with CUDA devices, the copies between devices.
+    are restored afterwards. Also measures the CPU-worker handoff (thread round trip / 2,
+    median of the medians of 5 blocks of 64, plus a per-byte copy cost) and, with CUDA
+    devices, the copies between devices. With two or more CPU workers, ``contention`` is
+    measured on the cut a two-stage plan would make: the two stages run as a pipeline on
+    two threads, in turn with the same stages one after the other on one thread (5 pairs,
+    about 0.2 s), and the factor is what makes the predicted period of that cut equal the
+    measured one (the median over the pairs, between 1 and 4). ``Profile.provenance`` says
+    how each input was measured.
     """
     devs = check_devices(devices)
     if not isinstance(example, torch.Tensor):
@@ -54,19 +70,45 @@ def profile(
         _check_available(dev)
     owners = list(model) if isinstance(model, (list, tuple)) else [model]
     ref = devs[0]
+    notes: list[tuple[str, str]] = []
     with preserved_buffers(owners):
         pairs = named_layers(model, example)
         layers = [layer for _, layer in pairs]
-        forward, backward, out_bytes = _measure_layers(layers, example, ref, warmup, repeats)
+        forward, backward, out_bytes, runs = _measure_layers(layers, example, ref, warmup, repeats)
+        notes.append(
+            ("layer times", f"median of {runs} in-chain runs after {warmup} warm-up, on {ref}")
+        )
         scale = {timing_class(ref): 1.0}
         for dev in devs:
             if timing_class(dev) not in scale:
-                other, _, _ = _measure_layers(layers, example, dev, warmup, repeats, grad=False)
+                other, _, _, runs = _measure_layers(
+                    layers, example, dev, warmup, repeats, grad=False
+                )
                 scale[timing_class(dev)] = max(sum(other), 1e-12) / max(sum(forward), 1e-12)
+                notes.append(
+                    (
+                        f"speed of {timing_class(dev)}",
+                        f"{scale[timing_class(dev)]:.3g}x the time on {ref}: whole chain, "
+                        f"median of {runs} runs",
+                    )
+                )
     with _bench_context("cpu:0"):
         handoff = _measure_handoff(max([*out_bytes, _MIN_COPY_BYTES]), warmup, repeats)
+        notes.append(
+            (
+                "hand-off",
+                f"{handoff.latency_s * 1e6:.1f} us + {handoff.s_per_byte * 1e9:.3g} ns/byte: "
+                f"median of {_HANDOFF_BLOCKS} blocks of {_HANDOFF_ROUNDS} thread round trips"
+                f" / 2, copy cost median of {repeats} copies",
+            )
+        )
         cpus = sum(1 for d in devs if not is_cuda(d))
-        contention = _measure_contention(layers, example, repeats) if cpus > 1 else 1.0
+        if cpus > 1:
+            with preserved_buffers(owners):
+                contention, note = _measure_contention(layers, example, forward, handoff, out_bytes)
+        else:
+            contention, note = 1.0, "not measured: fewer than two CPU workers"
+        notes.append(("contention", note))
     return Profile(
         layers=[
             LayerProfile(name, f, b, _state_bytes(layer), a)
@@ -79,11 +121,12 @@ def profile(
         batch_size=int(example.shape[0]) if example.dim() > 0 else 1,
         input_bytes=_nbytes(example),
         contention=contention,
+        provenance=notes,
     )
 
 
 def _check_available(device: str) -> None:
-    kind, index = parse_device(device)
+    kind, index = numbered_device(device)
     if kind == "cuda" and not (torch.cuda.is_available() and index < torch.cuda.device_count()):
         raise ValueError(f"{device} is not available (CUDA devices: {torch.cuda.device_count()})")
 
@@ -96,8 +139,9 @@ def _measure_layers(
     repeats: int,
     *,
     grad: bool = True,
-) -> tuple[list[float], list[float], list[int]]:
-    """Per-layer (forward seconds, backward seconds, output bytes) on ``device``.
+) -> tuple[list[float], list[float], list[int], int]:
+    """Per-layer (forward seconds, backward seconds, output bytes) on ``device``, and the
+    number of timed runs of the chain.
 
     Forward times are taken in context: the whole chain runs ``warmup + repeats`` times and
     each layer is timed where it sits, so a layer pays the cache misses that the layers
@@ -123,20 +167,28 @@ def _measure_layers(
             backward.append(_backward_time(layer, x, device, warmup, repeats) if grad else 0.0)
             out_bytes.append(_nbytes(y))
             x = y
-        forward = _chain_times(placed, start, device, warmup, repeats)
-    return forward, backward, out_bytes
+        forward, runs = _chain_times(placed, start, device, warmup, repeats)
+    return forward, backward, out_bytes, runs
 
 
 def _chain_times(
     layers: list[nn.Module], example: Any, device: str, warmup: int, repeats: int
-) -> list[float]:
+) -> tuple[list[float], int]:
     """Median seconds of each layer, timed inside full runs of the chain and called the way
-    pipeline parts call it."""
+    pipeline parts call it; at least ``repeats`` runs, more while the timed runs take less
+    than ``_CHAIN_BUDGET_S`` (small models get more samples for little time)."""
     samples: list[list[float]] = [[] for _ in layers]
     calls = [layer_call(layer) for layer in layers]
     cuda = is_cuda(device)
+    limit = warmup + repeats * _CHAIN_MAX_RUNS
+    began = 0.0
     with torch.no_grad():
-        for run in range(warmup + repeats):
+        run = 0
+        while run < warmup + repeats or (
+            run < limit and time.perf_counter() - began < _CHAIN_BUDGET_S
+        ):
+            if run == warmup:
+                began = time.perf_counter()
             x = example
             for i, call in enumerate(calls):
                 arg = _fresh(x)  # untimed copy: layers may work in place
@@ -148,7 +200,8 @@ def _chain_times(
                     torch.cuda.synchronize(device)
                 if run >= warmup:
                     samples[i].append(time.perf_counter() - start)
-    return [statistics.median(s) for s in samples]
+            run += 1
+    return [statistics.median(s) for s in samples], run - warmup
 
 
 def _backward_time(layer: nn.Module, x: Any, device: str, warmup: int, repeats: int) -> float:
@@ -176,45 +229,142 @@ def _backward_time(layer: nn.Module, x: Any, device: str, warmup: int, repeats: 
     return statistics.median(samples)
 
 
-def _measure_contention(layers: list[nn.Module], example: torch.Tensor, repeats: int) -> float:
-    """Slow-down of the whole chain on one thread while another thread runs it too."""
+def _measure_contention(
+    layers: list[nn.Module],
+    example: torch.Tensor,
+    forward: list[float],
+    handoff: HandoffModel,
+    out_bytes: list[int],
+) -> tuple[float, str]:
+    """The contention factor, measured on the cut a two-stage plan would make, and a note
+    on how.
 
-    def chain() -> None:
-        x = example
-        with torch.no_grad():
-            for layer in layers:
-                x = layer(_fresh(x))
+    The cut is the one with the smallest predicted bottleneck without contention. Its two
+    stages run as a pipeline on two threads (the first hands each output to the second
+    through a queue, at most ``_PAIR_IN_FLIGHT`` apart), so each stage pays what the other
+    costs it while both compute (memory bandwidth, the GIL, the hand-off); right before,
+    the same two stages run one after the other on this thread, timed apart (``s0``,
+    ``s1``). A pair's factor is the one that makes the cost model's period of that cut,
+    ``max(c * s0, c * s1 + hand-off)``, equal the measured period; the result is the median
+    over ``_PAIR_BLOCKS`` pairs, clamped to [1, 4]. Pairing the two measurements in time
+    keeps the factor a ratio of like with like while the machine's speed drifts.
+    """
+    n = len(layers)
+    if n < 2:
+        return 1.0, "not measured: a single layer has no cut"
+    prefix = [0.0]
+    for f in forward:
+        prefix.append(prefix[-1] + f)
 
-    def timed() -> float:
-        samples = []
-        for _ in range(max(repeats, 5)):
-            start = time.perf_counter()
-            chain()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
+    def bottleneck(k: int) -> float:
+        return max(prefix[k], prefix[n] - prefix[k] + handoff.cost_s(out_bytes[k - 1]))
 
-    with preserved_buffers(layers):
-        chain()  # warm up
-        alone = timed()
-        stop = threading.Event()
+    cut = min(range(1, n), key=bottleneck)
+    hand = handoff.cost_s(out_bytes[cut - 1])
+    estimate = bottleneck(cut)
+    block_s = max(_PAIR_BLOCK_S, 8 * estimate)
+    warm_s = max(_PAIR_WARMUP_S, 2 * estimate)
+    calls = ([layer_call(m) for m in layers[:cut]], [layer_call(m) for m in layers[cut:]])
+    factors, ratios = [], []
+    for _ in range(_PAIR_BLOCKS):
+        s0, s1 = _stages_alone(calls, example, block_s)
+        period = _pipelined_period(calls, example, block_s, warm_s)
+        factor = min(
+            period / s0 if s0 > 0 else math.inf,
+            (period - hand) / s1 if s1 > 0 else math.inf,
+        )
+        factors.append(factor if math.isfinite(factor) else 1.0)
+        ratios.append(period / max(s0, s1 + hand, 1e-12))
+    factor = statistics.median(factors)
+    contention = min(_MAX_CONTENTION, max(1.0, factor))
+    clamped = " (clamped)" if contention != factor else ""
+    note = (
+        f"{contention:.2f}{clamped}, measured on the cut {[cut, n - cut]}: its two stages as a "
+        f"pipeline on two threads against the same stages one after the other on one thread, "
+        f"median of {_PAIR_BLOCKS} pairs of {block_s * 1e3:.0f} ms blocks (the pipeline's "
+        f"period {statistics.median(ratios):.2f}x the slower stage alone)"
+    )
+    return contention, note
 
-        def busy() -> None:
-            torch.set_num_threads(1)
-            while not stop.is_set():
-                chain()
 
-        other = threading.Thread(target=busy, name="streamflow-profile-load", daemon=True)
-        other.start()
+_Calls = tuple[list[Callable[[Any], Any]], list[Callable[[Any], Any]]]
+
+
+def _stages_alone(calls: _Calls, example: torch.Tensor, block_s: float) -> tuple[float, float]:
+    """Median seconds per sample of each stage, run one after the other on this thread for
+    about ``block_s``."""
+    times: tuple[list[float], list[float]] = ([], [])
+    until = time.perf_counter() + block_s
+    with torch.no_grad():
+        while time.perf_counter() < until or len(times[0]) < 3:
+            x: Any = example.clone()
+            for part, samples in zip(calls, times, strict=True):
+                start = time.perf_counter()
+                for call in part:
+                    x = call(x)
+                samples.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _pipelined_period(calls: _Calls, example: torch.Tensor, block_s: float, warm_s: float) -> float:
+    """Seconds per sample of the two stages run as a two-thread pipeline: the spacing of the
+    outputs over ``block_s`` after ``warm_s``."""
+    handed: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    slots = threading.Semaphore(_PAIR_IN_FLIGHT)
+    stamps: list[float] = []
+    errors: list[BaseException] = []
+    stop = object()
+    began = time.perf_counter()
+    low, high = began + warm_s, began + warm_s + block_s
+
+    def produce() -> None:
+        torch.set_num_threads(1)
         try:
-            loaded = timed()
-        finally:
-            stop.set()
-            other.join()
-    return min(4.0, max(1.0, loaded / max(alone, 1e-12)))
+            with torch.no_grad():
+                while time.perf_counter() < high or len(stamps) < 3:
+                    slots.acquire()
+                    if errors:
+                        break
+                    x: Any = example.clone()
+                    for call in calls[0]:
+                        x = call(x)
+                    handed.put(x)
+        except BaseException as exc:
+            errors.append(exc)
+        handed.put(stop)
+
+    def consume() -> None:
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                while (x := handed.get()) is not stop:
+                    for call in calls[1]:
+                        x = call(x)
+                    stamps.append(time.perf_counter())
+                    slots.release()
+        except BaseException as exc:
+            errors.append(exc)
+            slots.release(_PAIR_IN_FLIGHT + 1)  # let the producer see the error
+
+    threads = [
+        threading.Thread(target=produce, name="streamflow-profile-stage0", daemon=True),
+        threading.Thread(target=consume, name="streamflow-profile-stage1", daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    inside = [t for t in stamps if low <= t <= high]
+    if len(inside) < 2:  # slower than the estimate by far: the spacing over the whole run
+        inside = stamps[len(stamps) // 2 :] if len(stamps) >= 4 else stamps
+    return (inside[-1] - inside[0]) / max(len(inside) - 1, 1)
 
 
 def _measure_handoff(nbytes: int, warmup: int, repeats: int) -> HandoffModel:
-    """Thread round trip through two queues / 2, plus ``clone()`` seconds per byte."""
+    """Thread round trip through two queues / 2 (the median of the medians of
+    ``_HANDOFF_BLOCKS`` blocks), plus ``clone()`` seconds per byte."""
     to_worker: queue.SimpleQueue[object] = queue.SimpleQueue()
     back: queue.SimpleQueue[object] = queue.SimpleQueue()
 
@@ -225,20 +375,25 @@ def _measure_handoff(nbytes: int, warmup: int, repeats: int) -> HandoffModel:
     worker = threading.Thread(target=echo, name="streamflow-profile-echo", daemon=True)
     worker.start()
     token = object()
-    rtts: list[float] = []
+    blocks: list[float] = []
     try:
-        for i in range(warmup + _HANDOFF_ROUNDS):
-            start = time.perf_counter()
+        for _ in range(max(warmup, 3)):
             to_worker.put(token)
             back.get()
-            if i >= warmup:
+        for _ in range(_HANDOFF_BLOCKS):
+            rtts: list[float] = []
+            for _ in range(_HANDOFF_ROUNDS):
+                start = time.perf_counter()
+                to_worker.put(token)
+                back.get()
                 rtts.append(time.perf_counter() - start)
+            blocks.append(statistics.median(rtts))
     finally:
         to_worker.put(None)
         worker.join()
     buffer = torch.empty(min(nbytes, _MAX_COPY_BYTES), dtype=torch.uint8)
     copy_s = _median_time(buffer.clone, "cpu:0", warmup, repeats)
-    return HandoffModel(latency_s=statistics.median(rtts) / 2, s_per_byte=copy_s / buffer.numel())
+    return HandoffModel(latency_s=statistics.median(blocks) / 2, s_per_byte=copy_s / buffer.numel())
 
 
 def _measure_links(
