@@ -26,33 +26,10 @@ from typing import Any
 
 import torch
 from _common import table
+from _models import cnn, mlp
 from torch import nn
 
 import streamflow as sf
-
-
-def mlp(width: int) -> nn.Sequential:
-    return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(8)])
-
-
-def cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    )
 
 
 class Result:
@@ -222,6 +199,8 @@ def bench(title: str, model: nn.Sequential, example: torch.Tensor, n: int, repea
         f"plan {pipe.plan.partition} on "
         f"{pipe.plan.devices}, predicted {pipe.plan.predicted_throughput:,.0f}/s"
     )
+    for key, note in pipe.plan.provenance:  # how the inputs were measured, the plan chosen
+        print(f"  {key}: {note}")
     rows = [
         (
             r.name,

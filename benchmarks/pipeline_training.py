@@ -3,7 +3,8 @@
 Streams single labelled samples (batch 1) through an MLP of 8 layers (Linear + ReLU) of
 width 1024 and prints, in one run, samples per second (the median of --repeats rounds, the
 contenders interleaved in each round) and the peak memory held (saved activations, and
-weights times the versions kept, counted in bytes by streamflow's own accounting) for:
+weights, in bytes: streamflow's own accounting for the trainer, saved-tensor hooks for
+the sequential loop) for:
 (a) sequential online training on one thread (best of 1 or 2 intra-op threads),
 (b) the parallel bound: each half of the model trained alone in its own thread at the same
 time (forward, backward, SGD step; one intra-op thread each; ready inputs, no handoff),
@@ -31,10 +32,10 @@ from typing import Any, Literal
 
 import torch
 from _common import table
+from _models import mlp
 from torch import nn
 
 import streamflow as sf
-from streamflow.parallel._trainpart import TrainPart
 
 LAYERS = 8
 # Keep freed gradient buffers in the process (docs/TRAINING.md, Performance): with glibc's
@@ -58,40 +59,58 @@ class Result:
         self.activations, self.weights = activations, weights
 
 
-def mlp(width: int) -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        *[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(LAYERS)]
-    )
-
-
 def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1e-3)
 
 
 def sequential(width: int, pairs: list[Any], threads: int, device: str = "cpu:0") -> Result:
-    """One part holding the whole model, trained on the calling thread."""
-    part = TrainPart(
-        mlp(width), device, index=0, layers=(0, 2 * LAYERS), threads=threads, optimizer=sgd
-    )
+    """Plain PyTorch: the whole model trained on the calling thread, sample by sample."""
+    on = torch.device("cpu" if device.startswith("cpu") else device)
+    model = mlp(width, LAYERS).to(on).train()
+    opt = sgd(list(model.parameters()))
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    activations = _saved_bytes(model, pairs[0][0].to(on))
     before = torch.get_num_threads()
-    part.prepare()
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     for x, y in pairs:
-        act = part.forward(x, 1, leaf=False)
-        torch.autograd.backward(nn.functional.cross_entropy(act.out, y.to(act.out.device)))
-        part.release((act,))
-        part.step(act.version)
-    if part.is_cuda:
-        torch.cuda.synchronize(device)
+        out = model(x.to(on))
+        torch.autograd.backward(nn.functional.cross_entropy(out, y.to(on)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if on.type == "cuda":
+        torch.cuda.synchronize(on)
     elapsed = time.perf_counter() - t0
     torch.set_num_threads(before)
-    name = f"(a) sequential on {device}" if part.is_cuda else f"(a) sequential, {threads} thread(s)"
-    return Result(name, elapsed, len(pairs), part.peak_bytes, part.weight_bytes, "0")
+    name = (
+        f"(a) sequential on {device}"
+        if on.type == "cuda"
+        else f"(a) sequential, {threads} thread(s)"
+    )
+    return Result(name, elapsed, len(pairs), activations, weights, "0")
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for one forward of ``model`` (weights not counted), plus the
+    output: what a sequential loop holds between a forward and its backward."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in weights and key not in seen:
+            seen.add(key)
+            nbytes.append(t.numel() * t.element_size())
+        return t
+
+    nbytes: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return int(sum(nbytes) + out.numel() * out.element_size())
 
 
 def parallel_bound(width: int, pairs: list[Any]) -> Result:
-    layers = list(mlp(width))
+    layers = list(mlp(width, LAYERS))
     first, second = nn.Sequential(*layers[: LAYERS // 2]), nn.Sequential(*layers[LAYERS // 2 :])
     with torch.no_grad():
         mids = [first(x) for x, _ in pairs]
@@ -138,7 +157,7 @@ async def schedule_run(
     devices: tuple[str, str] = ("cpu:0", "cpu:1"),
 ) -> Result:
     trainer = sf.OnlineTrainer(
-        mlp(width),
+        mlp(width, LAYERS),
         list(devices),
         loss_fn=nn.functional.cross_entropy,
         optimizer=sgd,
@@ -153,7 +172,7 @@ async def schedule_run(
     elapsed = time.perf_counter() - t0
     m = trainer.metrics()
     label = f"(c) {schedule}" + (f", {microbatches} micro-batches" if schedule != "partime" else "")
-    weights = sum(b * v for b, v in zip(m.weight_bytes, m.weight_versions, strict=True))
+    weights = sum(m.weight_bytes)
     staleness = ",".join(map(str, m.staleness))
     return Result(label, elapsed, len(pairs), sum(m.activation_bytes), weights, staleness)
 

@@ -13,15 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ._message import DELIVERED, FILTERED, Message
-from ._metrics import _Counters
+from ._metrics import Counters
 
 __all__ = ["Settle", "settle_for"]
 
-Settle = Callable[[list[Message[Any]], list[Any], _Counters, float], list[Message[Any]]]
+Settle = Callable[[list[Message[Any]], list[Any], Counters, float], list[Message[Any]]]
 
 
 def settle_map(
-    msgs: list[Message[Any]], results: list[Any], c: _Counters, now: float
+    msgs: list[Message[Any]], results: list[Any], c: Counters, now: float
 ) -> list[Message[Any]]:
     """Each message carries its result on."""
     i = 0
@@ -33,7 +33,7 @@ def settle_map(
 
 
 def settle_filter(
-    msgs: list[Message[Any]], results: list[Any], c: _Counters, now: float
+    msgs: list[Message[Any]], results: list[Any], c: Counters, now: float
 ) -> list[Message[Any]]:
     """A message goes on when its result is true; the others are acked as filtered."""
     kept = []
@@ -47,7 +47,7 @@ def settle_filter(
 
 
 def settle_flat(
-    msgs: list[Message[Any]], results: list[Any], c: _Counters, now: float
+    msgs: list[Message[Any]], results: list[Any], c: Counters, now: float
 ) -> list[Message[Any]]:
     """Each element of a result becomes a message sharing the input's ack; an empty result
     acks the input as filtered."""
@@ -63,7 +63,7 @@ def settle_flat(
 
 
 def settle_sink(
-    msgs: list[Message[Any]], results: list[Any], c: _Counters, now: float
+    msgs: list[Message[Any]], results: list[Any], c: Counters, now: float
 ) -> list[Message[Any]]:
     """The sink accepted each message: it is delivered."""
     c.record_arrivals(now, msgs)

@@ -43,8 +43,9 @@ class StageMetrics:
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
-class _Counters:
-    """Mutable counters owned by one stage runner (updated on the event loop only)."""
+class Counters:
+    """Mutable counters, each written by one thread only: a stage runner's on the event loop,
+    a pipeline or trainer part's on its device thread."""
 
     __slots__ = (
         "busy_s",

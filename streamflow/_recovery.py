@@ -11,7 +11,7 @@ import anyio
 from ._errors import StageError, describe_item
 from ._logging import get_logger
 from ._message import DEAD_LETTERED, SKIPPED, Message, _AckGroup
-from ._metrics import _Counters
+from ._metrics import Counters
 from ._policy import DeadLetter, ErrorPolicy, FailedItem, PartialFailure, Retry
 
 __all__ = ["Recovery"]
@@ -32,7 +32,7 @@ class Recovery:
         kind: str,
         policy: ErrorPolicy,
         call: Callable[[Any], Awaitable[Any]],
-        counters: _Counters,
+        counters: Counters,
         *,
         envelope: bool,
     ) -> None:

@@ -24,7 +24,7 @@ from ._devices import Worker, WorkerPool
 from ._errors import ChannelFull, StageError
 from ._kinds import settle_for
 from ._message import FILTERED, Message, _AckGroup
-from ._metrics import _Counters
+from ._metrics import Counters
 from ._policy import DeadLetter, Retry
 from ._recovery import Recovery
 from ._spec import StageSpec, called
@@ -63,7 +63,7 @@ class Runner:
         self.recv = recv
         self.sends: list[SendEnd[Message[Any]]] = []
         self.out_names: list[str] = []
-        self.c = _Counters()
+        self.c = Counters()
         # put(run): send a run at once if it fits (one output only); False: await emit(run)
         self.put: Callable[[list[Message[Any]]], bool] = _refuse
 

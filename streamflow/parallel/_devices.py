@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
-from .._devices import parse_device as _parse_any
+from .._devices import parse_device
 
 __all__ = [
     "check_devices",
     "intra_op_threads",
     "is_cuda",
-    "parse_device",
+    "numbered_device",
+    "resolve_devices",
     "timing_class",
     "torch_device",
 ]
 
 
-def parse_device(name: str) -> tuple[str, int]:
+def numbered_device(name: str) -> tuple[str, int]:
     """Split ``"cpu:N"``/``"cuda:N"`` into ``(kind, index)``; ``ValueError`` for anything else
     (a plan places each stage on one numbered device, so a bare ``"cpu"`` is refused)."""
     try:
-        kind, index = _parse_any(name)
+        kind, index = parse_device(name)
     except ValueError:
         index = None
     if index is None:
@@ -42,7 +44,7 @@ def check_devices(devices: Sequence[str], *, distinct: bool = True) -> tuple[str
     if not names:
         raise ValueError("devices is empty: give at least one device such as 'cpu:0'")
     for name in names:
-        parse_device(name)
+        numbered_device(name)
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates and distinct:
         raise ValueError(f"devices are listed more than once: {', '.join(duplicates)}")
@@ -51,7 +53,7 @@ def check_devices(devices: Sequence[str], *, distinct: bool = True) -> tuple[str
 
 def is_cuda(name: str) -> bool:
     """Whether ``name`` is a CUDA device."""
-    return parse_device(name)[0] == "cuda"
+    return numbered_device(name)[0] == "cuda"
 
 
 def torch_device(name: str) -> torch.device:
@@ -61,7 +63,7 @@ def torch_device(name: str) -> torch.device:
 
 def timing_class(name: str) -> str:
     """Devices with identical speed share a class: every CPU worker is ``"cpu"``; GPUs are their own."""
-    return "cpu" if parse_device(name)[0] == "cpu" else name
+    return "cpu" if numbered_device(name)[0] == "cpu" else name
 
 
 def intra_op_threads(cpu_parts: int) -> int:
@@ -69,3 +71,17 @@ def intra_op_threads(cpu_parts: int) -> int:
     one for the event loop, shared out (at least one each). A worker whose OpenMP threads
     took every core would starve the loop that feeds it."""
     return max(1, ((os.cpu_count() or 1) - 1) // max(1, cpu_parts))
+
+
+def resolve_devices(devices: Sequence[str] | Literal["auto"]) -> list[str]:
+    """The devices a model is split over: ``"auto"`` is every CUDA device, else two CPU
+    worker threads (one on a single core); a list is taken as given (checked by the plan)."""
+    if devices == "auto":
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return [f"cpu:{i}" for i in range(min(2, os.cpu_count() or 1))]
+    if isinstance(devices, str):
+        raise TypeError(
+            f"devices must be 'auto' or a list such as ['cpu:0', 'cpu:1'], got {devices!r}"
+        )
+    return list(devices)

@@ -6,24 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import math
-import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import anyio
 import torch
 from torch import nn
 
-from .._devices import Worker, resolve_future
-from .._metrics import StageMetrics, _Counters
-from .._stage import Stage, StageContext
-from ._devices import intra_op_threads
+from .._devices import resolve_future
+from .._stage import StageContext
+from ._choose import Partition, choose_plan
+from ._devices import resolve_devices
 from ._layers import named_layers
-from ._pipeline import _resolve_devices
-from ._plan import Objective, Plan, StagePlan, plan
-from ._profile import profile
+from ._parts import PartsStage, split, timed
+from ._pipeline import Pipeline
+from ._plan import Objective, Plan
 from ._schedules import SCHEDULES, Job, Schedule
 from ._trainmetrics import Tally, TrainerMetrics
 from ._trainpart import OptimizerFactory, TrainPart
@@ -36,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["OnlineTrainer", "TrainingError"]
 
 ScheduleName = Literal["sync", "partime", "nf1b"]
+R = TypeVar("R")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -62,8 +59,11 @@ class OnlineTrainer:
     ``model``: an ``nn.Sequential``, a list of modules or an ``fx``-traceable module (see
     :func:`streamflow.parallel.named_layers`); the trainer shares (and trains) its
     parameters. ``partition``: ``"auto"`` profiles the layers on ``example`` and plans the
-    cut points (it may use fewer parts than devices); a list gives the layers per part (no
-    profiling; deterministic); a :class:`Plan` is used as it is. ``optimizer(params)`` is
+    cut points by their forward costs, the way :func:`streamflow.pipeline` does (it may use
+    fewer parts than devices, and a measured trial of forward pipelines decides between
+    plans predicted within noise of each other); a list gives the layers per part
+    (deterministic; profiled for the plan's predicted costs when ``example`` is given); a
+    :class:`Plan` is used as it is. ``optimizer(params)`` is
     called once per part with that part's parameters. ``loss_fn(output, y)`` returns the
     mean loss over the rows of a batch (PyTorch's default reduction). ``capacity`` is how
     many items may wait per part. Parts appear in flow metrics as ``name[0]``, ...
@@ -81,7 +81,7 @@ class OnlineTrainer:
         optimizer: OptimizerFactory,
         schedule: ScheduleName = "partime",
         microbatches: int = 4,
-        partition: Literal["auto"] | Sequence[int] | Plan = "auto",
+        partition: Partition = "auto",
         objective: Objective = "throughput",
         capacity: int = 2,
         window: int = 100,
@@ -96,23 +96,29 @@ class OnlineTrainer:
         if not callable(loss_fn) or not callable(optimizer):
             raise TypeError("loss_fn and optimizer must be callables")
         self._whole = model if isinstance(model, nn.Module) else nn.Sequential(*model)
-        devs = _resolve_devices(devices)
+        devs = resolve_devices(devices)
         layers = named_layers(model, example)
-        self.plan = _choose_plan(layers, devs, example, partition, objective)
-        cpu_parts = sum(1 for s in self.plan.stages if s.device.startswith("cpu"))
-        threads = intra_op_threads(cpu_parts)
+        self.plan = choose_plan(
+            layers,
+            devs,
+            example,
+            partition,
+            objective,
+            caller="OnlineTrainer",
+            build=lambda p: Pipeline([m for _, m in layers], p),  # a trial runs inference
+        )
         modules = [m for _, m in layers]
         _check_no_shared_parameters(modules, self.plan)
         self.parts = [
             TrainPart(
-                nn.Sequential(*modules[s.layer_start : s.layer_end]),
+                module,
                 s.device,
                 index=i,
                 layers=(s.layer_start, s.layer_end),
                 threads=threads,
                 optimizer=optimizer,
             )
-            for i, s in enumerate(self.plan.stages)
+            for i, (module, s, threads) in enumerate(split(modules, self.plan))
         ]
         self.schedule: Schedule = SCHEDULES[schedule](self.parts, microbatches)
         self.loss_fn = loss_fn
@@ -154,7 +160,6 @@ class OnlineTrainer:
             staleness_bound=tuple(self.schedule.staleness_bound(p.index) for p in parts),
             activation_bytes=tuple(p.peak_bytes for p in parts),
             weight_bytes=tuple(p.weight_bytes for p in parts),
-            weight_versions=tuple(1 for _ in parts),
         )
 
     def model(self, device: str | torch.device = "cpu") -> nn.Module:
@@ -206,44 +211,6 @@ class OnlineTrainer:
         )
 
 
-def _choose_plan(
-    layers: list[tuple[str, nn.Module]],
-    devs: list[str],
-    example: torch.Tensor | None,
-    partition: Literal["auto"] | Sequence[int] | Plan,
-    objective: Objective,
-) -> Plan:
-    if isinstance(partition, Plan):
-        if partition.stages[-1].layer_end != len(layers):
-            raise ValueError(
-                f"the plan covers {partition.stages[-1].layer_end} layers, "
-                f"the model has {len(layers)}"
-            )
-        return partition
-    if partition == "auto":
-        if example is None:
-            raise ValueError(
-                "OnlineTrainer needs example= (one input batch) to profile the layers; "
-                "or pass partition=[layers per part] or a Plan"
-            )
-        return plan(profile([m for _, m in layers], example, devs), devs, objective)
-    sizes = list(partition)
-    if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
-        raise ValueError(f"partition must be a non-empty list of positive ints, got {partition!r}")
-    if sum(sizes) != len(layers):
-        raise ValueError(
-            f"partition {sizes} covers {sum(sizes)} layers, the model has {len(layers)}"
-        )
-    if len(sizes) > len(devs):
-        raise ValueError(f"partition has {len(sizes)} parts but only {len(devs)} devices are given")
-    stages, start = [], 0
-    for device, size in zip(devs, sizes, strict=False):
-        names = [n for n, _ in layers[start : start + size]]
-        stages.append(StagePlan(device, start, start + size, names, math.nan, math.nan, 0))
-        start += size
-    return Plan(stages, math.nan, math.nan, objective)  # explicit: not profiled
-
-
 def _check_no_shared_parameters(modules: list[nn.Module], chosen: Plan) -> None:
     owner: dict[int, int] = {}
     for i, s in enumerate(chosen.stages):
@@ -257,44 +224,31 @@ def _check_no_shared_parameters(modules: list[nn.Module], chosen: Plan) -> None:
                     )
 
 
-class _TrainerStage(Stage[Any, torch.Tensor]):
+class _TrainerStage(PartsStage[TrainPart]):
     """The flow stage behind ``stream.map(name, trainer)``: feeds the part threads and
     resolves each item's future with its prediction."""
 
     def __init__(self, trainer: OnlineTrainer, name: str) -> None:
+        super().__init__(trainer.parts, name, trainer.in_flight)
         self.trainer = trainer
-        self.name = name
-        self.parts = trainer.parts
         self.schedule = trainer.schedule
-        self.workers: list[Worker] = []
+        self.title = f"trainer {self.schedule.name}"
         self.futures: dict[int, asyncio.Future[torch.Tensor]] = {}
         self.failure: TrainingError | None = None
         self.closing = False
-        self.k = 0
-        self.finished = 0  # predictions out of the last part (written by its thread only)
-        self.ready: deque[tuple[int, torch.Tensor]] = deque()  # predictions to settle
-        self.wakeup = False  # a _settle call is scheduled on the loop
-
-    def __repr__(self) -> str:
-        parts = " | ".join(
-            f"layers {p.layers[0]}..{p.layers[1] - 1} on {p.target}" for p in self.parts
-        )
-        return f"trainer {self.schedule.name} [{parts}]"
 
     async def setup(self, context: StageContext) -> None:
+        """Place the parts on the flow's device workers (see ``PartsStage.place``) and
+        start the schedule. One trainer runs in one flow at a time."""
         trainer = self.trainer
         if trainer._running:
             raise RuntimeError("this OnlineTrainer already runs in a flow; use one at a time")
         trainer._running = True
-        self.loop = asyncio.get_running_loop()
         self.done = [self._on_done(part) for part in self.parts]
-        self.workers = [Worker(f"{p.target}:{self.name}[{p.index}]") for p in self.parts]
         try:
-            for part, worker in zip(self.parts, self.workers, strict=True):
-                part.counters = _Counters()
-                await worker.run(part.prepare)
+            await self.place(context, TrainPart.prepare)
         except BaseException:  # no teardown follows a failed setup: release here
-            await self._close()
+            self._close()
             raise
         self.schedule.begin(self._hand, self._finish)
 
@@ -303,17 +257,15 @@ class _TrainerStage(Stage[Any, torch.Tensor]):
         try:
             if flushed:
                 for s in reversed(range(len(self.parts))):
-                    await self.workers[s].run(self.schedule.flush, s)
+                    await self.workers[s].run(_training, self.schedule.flush, (s,))
         finally:
-            await self._close()
+            self._close()
         if flushed and self.failure is not None:
             raise self.failure
 
-    async def _close(self) -> None:
+    def _close(self) -> None:
+        """No more work goes to the part threads (the flow joins them when it ends)."""
         self.closing = True
-        with anyio.CancelScope(shield=True):
-            for worker in self.workers:
-                await worker.aclose()
         self.trainer._running = False
 
     def process(self, item: Any) -> asyncio.Future[torch.Tensor]:
@@ -322,28 +274,23 @@ class _TrainerStage(Stage[Any, torch.Tensor]):
             raise self.failure
         x, y = _pair(item)
         rows = int(x.shape[0]) if x.dim() > 1 else 1
+        assert self.loop is not None
         future: asyncio.Future[torch.Tensor] = self.loop.create_future()
-        self.futures[self.k] = future
-        self._hand(0, self.schedule.forward, 0, Job(self.k, x, y, rows))
-        self.k += 1
+        k = self._started
+        self.futures[k] = future
+        self.started()
+        self._hand(0, self.schedule.forward, 0, Job(k, x, y, rows))
         return future
 
     def _hand(self, s: int, fn: Callable[..., None], *args: Any) -> None:
         if not self.closing:
-            self.workers[s].submit(_timed, (self.parts[s], fn, args), self.done[s])
+            part = self.parts[s]
+            self.workers[s].submit(_training, (timed, (part, fn, args)), self.done[s])
 
     def _finish(self, job: Job, out: torch.Tensor) -> torch.Tensor:
         """On the last part's thread: emit the prediction, then return the loss."""
         pred = out.detach()
-        self.ready.append((job.k, pred))
-        self.finished += 1
-        # Wake the loop only when the pipeline runs half empty (and no wake-up is pending):
-        # while it is full, predictions are settled and new samples started in groups, so the
-        # loop does not compete with the parts for the cores once per sample.
-        if not self.wakeup and self.k - self.finished <= self.trainer.in_flight // 2:
-            self.wakeup = True
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                self.loop.call_soon_threadsafe(self._settle)
+        self.deliver(job.k, pred, None)
         y = job.y.to(out.device)
         loss = self.trainer.loss_fn(out, y)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -351,14 +298,10 @@ class _TrainerStage(Stage[Any, torch.Tensor]):
         self.trainer._tally.add(pred, y, loss.detach(), job.rows)
         return loss.reshape(())
 
-    def _settle(self) -> None:
-        self.wakeup = False
-        ready, futures = self.ready, self.futures
-        while ready:
-            k, pred = ready.popleft()
-            future = futures.pop(k, None)
-            if future is not None:
-                resolve_future(future, pred, None)
+    def resolve(self, key: Any, result: Any, error: BaseException | None) -> None:
+        future = self.futures.pop(key, None)
+        if future is not None:
+            resolve_future(future, result, error)
 
     def _on_done(self, part: TrainPart) -> Callable[[Any, BaseException | None], None]:
         def done(result: Any, error: BaseException | None) -> None:  # on the part's thread
@@ -367,6 +310,7 @@ class _TrainerStage(Stage[Any, torch.Tensor]):
             failure = TrainingError(f"{part.describe(self.name)}: {type(error).__name__}: {error}")
             failure.__cause__ = error
             self.failure = failure
+            assert self.loop is not None
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self._fail_all, failure)
 
@@ -379,19 +323,12 @@ class _TrainerStage(Stage[Any, torch.Tensor]):
             if not future.cancelled():
                 future.exception()  # the runner awaits only the first: don't log the rest
 
-    def sub_metrics(self) -> dict[str, StageMetrics]:
-        return {
-            f"{self.name}[{p.index}]": p.counters.snapshot(f"{self.name}[{p.index}]", "part", 0, 0)
-            for p in self.parts
-        }
 
-
-def _timed(part: TrainPart, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-    t0 = time.perf_counter()
-    try:
-        fn(*args)
-    finally:
-        part.counters.record(time.perf_counter() - t0)
+def _training(fn: Callable[..., R], args: tuple[Any, ...]) -> R:
+    """Run a schedule's job with gradients on (the part's thread may be shared with stages
+    that run without)."""
+    with torch.enable_grad():
+        return fn(*args)
 
 
 def _pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:

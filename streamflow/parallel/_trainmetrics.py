@@ -22,7 +22,8 @@ class TrainerMetrics:
     ``staleness`` (the largest number of weight versions between the oldest forward behind
     an update and that update), ``staleness_bound`` (the schedule's stated steady-state
     staleness), ``activation_bytes`` (peak bytes of saved activations held),
-    ``weight_bytes`` and ``weight_versions`` (copies of the weights kept).
+    ``weight_bytes`` (the part's weights and buffers: one copy, never a stashed version,
+    since a backward always uses the live weights).
     """
 
     schedule: str
@@ -36,13 +37,11 @@ class TrainerMetrics:
     staleness_bound: tuple[int, ...]
     activation_bytes: tuple[int, ...]
     weight_bytes: tuple[int, ...]
-    weight_versions: tuple[int, ...]
 
     @property
     def peak_bytes(self) -> int:
-        """Activations at their per-part peaks plus every weight version held."""
-        weights = sum(b * v for b, v in zip(self.weight_bytes, self.weight_versions, strict=True))
-        return sum(self.activation_bytes) + weights
+        """Activations at their per-part peaks plus the weights."""
+        return sum(self.activation_bytes) + sum(self.weight_bytes)
 
 
 class Tally:

@@ -2,7 +2,7 @@
 
 A part counts the memory its schedule makes it hold: the bytes of the tensors autograd saved
 for each forward that still waits for its backward (the activations), and the bytes of its
-weights times the number of weight versions it keeps (always one here: no stashing).
+weights (one copy: a backward always uses the live weights, nothing is stashed).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._metrics import _Counters
-from ._devices import torch_device
+from ._parts import Part
 
 __all__ = ["Activation", "OptimizerFactory", "TrainPart"]
 
@@ -84,7 +83,7 @@ class _Saved:
         return t  # type: ignore[no-any-return]
 
 
-class TrainPart:
+class TrainPart(Part):
     """Consecutive layers pinned to one device, trained by their own optimizer.
 
     ``version`` counts the optimizer steps applied (weight versions). The part's methods run
@@ -101,13 +100,7 @@ class TrainPart:
         threads: int,
         optimizer: OptimizerFactory,
     ) -> None:
-        self.module = module
-        self.target = target
-        self.index = index
-        self.layers = layers
-        self.threads = threads
-        self.torch_device = torch_device(target)
-        self.is_cuda = self.torch_device.type == "cuda"
+        super().__init__(module, target, index=index, layers=layers, threads=threads)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = optimizer(self.params) if self.params else None
         self.weight_bytes = sum(t.numel() * t.element_size() for t in _state_tensors(module))
@@ -115,16 +108,15 @@ class TrainPart:
         self.staleness = 0
         self.held_bytes = 0
         self.peak_bytes = 0
-        self.counters = _Counters()
         self._param_storages: frozenset[int] = frozenset()
 
     def prepare(self) -> None:
-        """On the part's thread: pin intra-op threads, place the weights, enable training."""
+        """On the part's thread: pin intra-op threads, place the weights, enable training
+        (the thread may be shared with other stages: each job enables gradients itself)."""
         if self.is_cuda:
             torch.cuda.set_device(self.torch_device)
         else:
             torch.set_num_threads(self.threads)
-        torch.set_grad_enabled(True)
         self.module.to(self.torch_device).train()
         self._param_storages = frozenset(
             p.untyped_storage().data_ptr() for p in self.module.parameters()
@@ -171,10 +163,6 @@ class TrainPart:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-
-    def describe(self, name: str) -> str:
-        start, end = self.layers
-        return f"{name}[{self.index}] (layers {start}..{end - 1} on {self.target})"
 
 
 def _state_tensors(module: nn.Module) -> Sequence[torch.Tensor]:
