@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: setup
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/demo.py
 
 brokers: setup
 	.ci/brokers.sh start

@@ -6,13 +6,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import streamflow as sf
-from streamflow._logging import get_logger
 
+from ._badrecords import bad_record
 from .codecs import BYTES, Buffer, Codec
 
 __all__ = ["DecodeError", "Record", "decode", "decode_batch"]
-
-log = get_logger("streamflow")
 
 
 class Record:
@@ -108,8 +106,9 @@ def decode(record: Record) -> Any:
 
         flow.source("in", KafkaSource(...)).map("decode", streamflow.connectors.decode, errors="skip")
 
-    A malformed record logs ``connector.bad_record`` (source, position, reason, size) and
-    raises :class:`DecodeError`, so ``errors="skip"`` counts and skips it and
+    A malformed record logs ``connector.bad_record`` (source, position, reason, size; the
+    first 10 per source in full, then a ``connector.bad_records`` count at most every 10 s)
+    and raises :class:`DecodeError`, so ``errors="skip"`` counts and skips it and
     ``errors=sf.DeadLetter(sink)`` hands the sink the raw record and the reason.
     """
     if not isinstance(record, Record):
@@ -167,13 +166,8 @@ def _logged(record: Record, cause: Exception | None) -> DecodeError:
     """The error for a malformed record (``cause``: what its codec raised, or ``None`` when
     the source flagged it), logged as ``connector.bad_record``."""
     exc = DecodeError(record, record.error or "") if cause is None else _failure(record, cause)
-    log.warning(
-        "connector.bad_record",
-        source=record.source,
-        **record.position,
-        codec=record.codec.name,
-        size=len(record),
-        reason=exc.reason,
+    bad_record(
+        record.source, record.position, codec=record.codec.name, size=len(record), reason=exc.reason
     )
     return exc
 

@@ -17,8 +17,10 @@ from ._errors import ChannelClosed as ChannelClosed
 from ._errors import ChannelFull as ChannelFull
 from ._errors import GraphError as GraphError
 from ._errors import StageError as StageError
+from ._flowstate import FlowState as FlowState
 from ._graph import Composite as Composite
 from ._graph import Flow as Flow
+from ._graph import KeyedStream as KeyedStream
 from ._graph import Stream as Stream
 from ._graph import merge as merge
 from ._io import Sink as Sink
@@ -36,13 +38,26 @@ from ._policy import FailedItem as FailedItem
 from ._policy import PartialFailure as PartialFailure
 from ._policy import Retry as Retry
 from ._runtime import RunningFlow as RunningFlow
+from ._signals import Interrupted as Interrupted
 from ._spec import LOOPS as LOOPS
 from ._spec import FlowSpec as FlowSpec
 from ._spec import StageSpec as StageSpec
 from ._stage import Stage as Stage
 from ._stage import StageContext as StageContext
+from ._state import KeyedState as KeyedState
+from ._window_runner import LateItem as LateItem
+from ._windows import Count as Count
+from ._windows import Session as Session
+from ._windows import Sliding as Sliding
+from ._windows import Tumbling as Tumbling
+from ._windows import Window as Window
+from ._windows import Windower as Windower
 
 if _TYPE_CHECKING:
+    from ._live import LiveView as LiveView
+    from ._prometheus import FlowCollector as FlowCollector
+    from ._prometheus import MetricsServer as MetricsServer
+    from ._prometheus import serve_metrics as serve_metrics
     from .parallel import OnlineTrainer as OnlineTrainer
     from .parallel import Pipeline as Pipeline
     from .parallel import pipeline as pipeline
@@ -54,6 +69,11 @@ _LAZY = {
     "pipeline": "streamflow.parallel",
     "Pipeline": "streamflow.parallel",
     "OnlineTrainer": "streamflow.parallel",
+    # optional extras: prometheus-client ("prometheus"), rich ("cli")
+    "FlowCollector": "streamflow._prometheus",
+    "MetricsServer": "streamflow._prometheus",
+    "serve_metrics": "streamflow._prometheus",
+    "LiveView": "streamflow._live",
 }
 
 
@@ -73,14 +93,23 @@ __all__ = [
     "ChannelFull",
     "ChannelStatistics",
     "Composite",
+    "Count",
     "DeadLetter",
     "ErrorPolicy",
     "FailedItem",
     "Flow",
+    "FlowCollector",
     "FlowDescription",
     "FlowSpec",
+    "FlowState",
     "GraphError",
+    "Interrupted",
+    "KeyedState",
+    "KeyedStream",
+    "LateItem",
+    "LiveView",
     "Message",
+    "MetricsServer",
     "OnlineTrainer",
     "Outcome",
     "Overflow",
@@ -88,7 +117,9 @@ __all__ = [
     "Pipeline",
     "Retry",
     "RunningFlow",
+    "Session",
     "Sink",
+    "Sliding",
     "Source",
     "Stage",
     "StageContext",
@@ -96,9 +127,13 @@ __all__ = [
     "StageMetrics",
     "StageSpec",
     "Stream",
+    "Tumbling",
+    "Window",
+    "Windower",
     "collect",
     "configure_logging",
     "iterate",
     "merge",
     "pipeline",
+    "serve_metrics",
 ]

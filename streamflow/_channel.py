@@ -144,6 +144,7 @@ class Channel(Generic[T]):
         "_items",
         "_on_drop",
         "_overflow",
+        "_reason",
         "_room",
         "_writers",
     )
@@ -166,6 +167,7 @@ class Channel(Generic[T]):
         self._room = _Waiters()  # senders waiting for room
         self._items = _Waiters()  # receivers waiting for an item
         self._closed = False
+        self._reason: str | None = None  # why it was closed, for senders (see close)
         self._dropped = 0
         self._held = 0  # taken by the reading stage and still in its hands ("block" only)
         self._writers = 0
@@ -206,7 +208,7 @@ class Channel(Generic[T]):
         :raises ChannelFull: the channel is full and ``overflow="error"``.
         """
         if self._closed:
-            raise ChannelClosed("send on a closed channel")
+            raise ChannelClosed(self._reason or "send on a closed channel")
         buffer = self._buffer
         if len(buffer) + self._held >= self._capacity:
             overflow = self._overflow
@@ -230,7 +232,7 @@ class Channel(Generic[T]):
         :raises ChannelClosed: the channel is closed.
         """
         if self._closed:
-            raise ChannelClosed("send on a closed channel")
+            raise ChannelClosed(self._reason or "send on a closed channel")
         if len(self._buffer) + self._held >= self._capacity:
             if self._overflow == "drop_oldest":
                 self._drop(self._buffer.popleft())
@@ -247,7 +249,7 @@ class Channel(Generic[T]):
         while len(self._buffer) + self._held >= self._capacity:
             await self._room.park(still_wanted=self._has_room)
             if self._closed:
-                raise ChannelClosed("channel closed while waiting to send")
+                raise ChannelClosed(self._reason or "channel closed while waiting to send")
 
     def _has_room(self) -> bool:
         return len(self._buffer) + self._held < self._capacity
@@ -310,10 +312,14 @@ class Channel(Generic[T]):
 
     # -- closing -----------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Close the channel: senders fail, receivers drain what is buffered. Idempotent."""
+    def close(self, reason: str | None = None) -> None:
+        """Close the channel: senders fail, receivers drain what is buffered. Idempotent.
+
+        ``reason`` becomes the message of the :class:`ChannelClosed` senders get (a flow
+        closes its ``Channel`` sources this way when it stops: "flow 'x' failed: ...")."""
         if self._closed:
             return
+        self._reason = reason
         self._closed = True
         self._items.wake_all()
         self._room.wake_all()

@@ -6,16 +6,27 @@ import inspect
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    Protocol,
+    TypeVar,
+    overload,
+    runtime_checkable,
+)
 
 from ._calls import is_async
 from ._channel import _OVERFLOWS, Overflow
 from ._devices import parse_device
 from ._errors import GraphError
 from ._io import Sink, Source, iterate
-from ._policy import ErrorPolicy, check_policy
+from ._policy import DeadLetter, ErrorPolicy, Retry, check_policy
 from ._spec import FlowSpec, Kind, StageSpec, choose_loop
 from ._stage import Stage
+from ._state import StatefulMap
+from ._windows import Count, Session, Sliding, Tumbling, Window, Windower
 
 if TYPE_CHECKING:
     from ._describe import FlowDescription
@@ -23,7 +34,7 @@ if TYPE_CHECKING:
     from ._metrics import StageMetrics
     from ._runtime import RunningFlow
 
-__all__ = ["Composite", "Flow", "Stream", "merge"]
+__all__ = ["Composite", "Flow", "KeyedStream", "Stream", "merge"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -68,10 +79,19 @@ class _Node:
     errors: ErrorPolicy = "fail"
     envelope: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    keyed: bool = False  # emits a keyed stream (see Stream.key_by)
 
     def label(self) -> str:
         """What the stage runs: a function's name, a Stage's class name (or its own repr)."""
         fn = self.fn
+        if self.kind == "window":
+            o = self.options
+            clock = (
+                "processing time"
+                if o["time"] is None
+                else f"event time, lateness {o['lateness']:g}s"
+            )
+            return f"{o['shape']!r} {clock}" + (" aggregate" if o["aggregate"] else "")
         if isinstance(fn, Stage):
             return repr(fn) if type(fn).__repr__ is not object.__repr__ else type(fn).__name__
         return _fn_name(fn)
@@ -101,8 +121,28 @@ class _Node:
             ordered=self.ordered,
             errors=self.errors,
             envelope=self.envelope,
-            options=MappingProxyType(dict(self.options)),
+            options=MappingProxyType(
+                {**self.options, "sources": _sources_of(self)}
+                if self.kind == "window"
+                else dict(self.options)
+            ),
+            keyed=bool(self.inputs) and all(n.keyed for n in self.inputs),
         )
+
+
+def _sources_of(node: _Node) -> tuple[str, ...]:
+    """The names of the sources upstream of ``node``, in the order they were added."""
+    found: dict[str, None] = {}
+    stack, seen = list(node.inputs), set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.kind == "source":
+            found[n.name] = None
+        stack.extend(n.inputs)
+    return tuple(sorted(found))
 
 
 def _readers(consumers: list[_Node]) -> list[_Node]:
@@ -216,13 +256,21 @@ class Flow:
         self._last_metrics = metrics
         self._running = False
 
-    async def run(self) -> None:
+    async def run(self, *, stop_on_signals: bool = False, drain_timeout: float = 30.0) -> None:
         """Run until every source is exhausted and every item has reached the sinks.
 
+        ``stop_on_signals=True``, for a process that runs the flow itself (main thread): the
+        first SIGINT or SIGTERM stops the sources and drains (in-flight items reach the
+        sinks, sources commit, connectors close), then ``run`` returns normally; a second
+        signal, or ``drain_timeout`` seconds, stops at once. The previous signal handlers
+        are restored afterwards.
+
         :raises StageError: a stage with ``errors="fail"`` raised; the flow was stopped.
+        :raises Interrupted: stopped at once by a second signal or the drain timeout
+            (``exit_code`` is 130 for SIGINT, 143 for SIGTERM).
         """
         async with self.start() as running:
-            await running.wait()
+            await running.wait(stop_on_signals=stop_on_signals, drain_timeout=drain_timeout)
 
     def metrics(self) -> dict[str, StageMetrics]:
         """Per-stage metrics of the last run (empty before the first run)."""
@@ -438,6 +486,25 @@ class Stream(Generic[T]):
         its own metadata and ack."""
         return self._then(name, "unbatch", None, capacity, overflow, None, 1, True, "fail", False)
 
+    def key_by(
+        self,
+        name: str,
+        key: Callable[[T], Any],
+        *,
+        capacity: int = 16,
+        overflow: Overflow = "block",
+        device: str | None = None,
+        errors: ErrorPolicy = "fail",
+    ) -> KeyedStream[T]:
+        """A keyed stream: each item keeps its value and gets ``key(item)`` as its key (a
+        hashable; ``Message.key``). The stages after it keep each key's items in order
+        (``map(..., concurrency=k)`` runs different keys at once, never two items of one
+        key), and offer :meth:`KeyedStream.stateful_map` and :meth:`KeyedStream.window`.
+        ``batch`` and ``merge`` give back an unkeyed stream."""
+        stream = self._then(name, "key_by", key, capacity, overflow, device, 1, True, errors, False)
+        assert isinstance(stream, KeyedStream)
+        return stream
+
     def sink(
         self,
         name: str,
@@ -490,7 +557,134 @@ class Stream(Generic[T]):
             errors=errors,
             envelope=envelope,
         )
-        return Stream(self._flow, self._flow._add(node))
+        added = self._flow._add(node)
+        if kind in ("key_by", "window") or (
+            self._node.keyed and kind in ("map", "filter", "flat_map")
+        ):
+            added.keyed = True  # its items keep their keys: its readers see a keyed stream
+            return KeyedStream(self._flow, added)
+        return Stream(self._flow, added)
+
+
+class KeyedStream(Stream[T]):
+    """A stream whose items carry a key (see :meth:`Stream.key_by`): per-key state and
+    windows. ``map``, ``filter`` and ``flat_map`` keep it keyed."""
+
+    __slots__ = ()
+
+    def stateful_map(
+        self,
+        name: str,
+        fn: Callable[[Any, T], tuple[Any, Any]],
+        *,
+        ttl: float | None = None,
+        capacity: int = 16,
+        overflow: Overflow = "block",
+        device: str | None = None,
+        errors: ErrorPolicy = "fail",
+    ) -> KeyedStream[Any]:
+        """``fn(state, item) -> (state, output)`` per item, ``state`` being its key's state
+        (``None`` the first time); returning ``None`` as the state forgets the key. Each
+        output goes on with the item's key and ack (acked when it is delivered). One item
+        at a time, in order; a plain ``def`` may run on ``device``. ``ttl`` (seconds of
+        processing time) forgets keys left idle that long. A call that raises changes no
+        state and follows ``errors``. Metrics: ``state["keys"]``, ``state["expired"]``."""
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0
+        ):
+            raise GraphError(f"stage {name!r}: ttl must be seconds > 0 or None, got {ttl!r}")
+        if not callable(fn) or is_async(fn):
+            raise GraphError(
+                f"stage {name!r}: stateful_map takes a plain function "
+                f"fn(state, item) -> (state, output), got {fn!r}"
+            )
+        stage = StatefulMap(fn, None if ttl is None else float(ttl))
+        stream = self._then(name, "map", stage, capacity, overflow, device, 1, True, errors, True)
+        assert isinstance(stream, KeyedStream)
+        return stream
+
+    def window(
+        self,
+        name: str,
+        shape: Windower,
+        *,
+        time: Callable[[T], float] | None = None,
+        lateness: float = 0.0,
+        late: Literal["drop", "emit"] | DeadLetter = "drop",
+        aggregate: tuple[Callable[[], Any], Callable[[Any, T], Any]]
+        | tuple[Callable[[], Any], Callable[[Any, T], Any], Callable[[Any, Any], Any]]
+        | None = None,
+        idle: float = 5.0,
+        capacity: int = 16,
+        overflow: Overflow = "block",
+        errors: Literal["fail", "skip"] | DeadLetter = "fail",
+    ) -> KeyedStream[Window[T]]:
+        """Group each key's items into windows (:class:`Tumbling`, :class:`Sliding`,
+        :class:`Session`, :class:`Count`); emit each as a :class:`Window` once it closes.
+
+        ``time(item)``: event time in seconds (omit it for processing time). A window
+        closes when the watermark (the latest event time seen minus ``lateness``, the
+        smallest over the stage's inputs that sent within ``idle`` seconds) passes its end,
+        and at the end of the stream (or ``stop(drain=True)``). An item whose windows all
+        closed is late: ``late="drop"`` acks it as ``Outcome.LATE``, ``"emit"`` emits an
+        update ``Window(..., late=True)`` holding it, a :class:`DeadLetter` gets it with a
+        ``LateItem`` error. ``aggregate=(init, add)`` (and ``merge`` for sessions) keeps
+        ``add(acc, item)`` per window instead of the items (``Window.value``). The window
+        holds its items' acks until it is handled downstream, so a source commits past an
+        item only once every window holding it was delivered. ``errors`` applies to an
+        item whose ``time`` or ``add`` raised. Emitted in order of window end per key.
+        Metrics: ``state["keys"|"windows_open"|"items_held"|"late"]``."""
+        if not isinstance(shape, Tumbling | Sliding | Session | Count):
+            raise GraphError(
+                f"stage {name!r}: the window shape must be sf.Tumbling, sf.Sliding, "
+                f"sf.Session or sf.Count, got {shape!r}"
+            )
+        if time is not None and not callable(time):
+            raise GraphError(f"stage {name!r}: time must be a function item -> seconds")
+        for what, value in (("lateness", lateness), ("idle", idle)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise GraphError(f"stage {name!r}: {what} must be seconds >= 0, got {value!r}")
+        if not (late in ("drop", "emit") or isinstance(late, DeadLetter)):
+            raise GraphError(
+                f"stage {name!r}: late must be 'drop', 'emit' or a DeadLetter, got {late!r}"
+            )
+        if isinstance(errors, Retry):
+            raise GraphError(
+                f"stage {name!r}: a window stage takes errors='fail', 'skip' or a DeadLetter "
+                "(its functions are pure: a retry would give the same answer)"
+            )
+        agg = _check_aggregate(name, shape, aggregate)
+        if isinstance(late, DeadLetter):
+            check_policy(late, name)
+        stream = self._then(name, "window", None, capacity, overflow, None, 1, True, errors, False)
+        stream._node.options.update(
+            shape=shape,
+            time=time,
+            lateness=float(lateness),
+            late=late,
+            aggregate=agg,
+            idle=float(idle),
+        )
+        assert isinstance(stream, KeyedStream)
+        return stream
+
+
+def _check_aggregate(name: str, shape: Windower, aggregate: Any) -> tuple[Any, Any, Any] | None:
+    if aggregate is None:
+        return None
+    if not isinstance(aggregate, tuple) or len(aggregate) not in (2, 3):
+        raise GraphError(
+            f"stage {name!r}: aggregate must be (init, add) or (init, add, merge), "
+            f"got {aggregate!r}"
+        )
+    if not all(callable(f) for f in aggregate):
+        raise GraphError(f"stage {name!r}: every function of aggregate must be callable")
+    merge_fn = aggregate[2] if len(aggregate) == 3 else None
+    if isinstance(shape, Session) and merge_fn is None:
+        raise GraphError(
+            f"stage {name!r}: session windows merge, so aggregate needs (init, add, merge)"
+        )
+    return aggregate[0], aggregate[1], merge_fn
 
 
 def _check_options(
@@ -515,7 +709,7 @@ def _check_options(
         except ValueError as exc:
             raise GraphError(f"stage {name!r}: {exc}") from None
     check_policy(errors, name)
-    if kind in ("batch", "unbatch", "sink"):
+    if kind in ("batch", "unbatch", "window", "sink"):
         return
     if isinstance(fn, Stage):
         if kind != "map":

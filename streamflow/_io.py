@@ -38,7 +38,11 @@ class Sink(Protocol[T_contra]):
 
     A sink that is also an async context manager is entered when the flow starts and exited
     after its last item (flush and close there). A plain async callable ``fn(item)`` is a sink
-    too.
+    too. A sink object may also have ``async send_run(items) -> list[BaseException | None]``:
+    the stage then hands it each run of queued items in one call (up to the stage's
+    ``concurrency`` items in flight, several runs at once), and it returns, per item in
+    order, ``None`` when the item was delivered or the exception it failed with (that item
+    meets the stage's error policy; a ``Retry`` calls ``send`` for it alone).
     """
 
     async def send(self, item: T_contra, /) -> None: ...

@@ -32,6 +32,18 @@ def settle_map(
     return msgs
 
 
+def settle_key(
+    msgs: list[Message[Any]], results: list[Any], c: Counters, now: float
+) -> list[Message[Any]]:
+    """Each message goes on with its result as its key, its value unchanged."""
+    i = 0
+    for msg in msgs:
+        msg.key = results[i]
+        i += 1
+    c.items_out += i
+    return msgs
+
+
 def settle_filter(
     msgs: list[Message[Any]], results: list[Any], c: Counters, now: float
 ) -> list[Message[Any]]:
@@ -78,6 +90,7 @@ def settle_sink(
 
 _SETTLE: dict[str, Settle] = {
     "map": settle_map,
+    "key_by": settle_key,
     "filter": settle_filter,
     "flat_map": settle_flat,
     "sink": settle_sink,
@@ -85,5 +98,5 @@ _SETTLE: dict[str, Settle] = {
 
 
 def settle_for(kind: str) -> Settle:
-    """The outcome of a ``map``, ``filter``, ``flat_map`` or ``sink`` stage."""
+    """The outcome of a ``map``, ``key_by``, ``filter``, ``flat_map`` or ``sink`` stage."""
     return _SETTLE[kind]

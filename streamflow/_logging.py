@@ -5,6 +5,12 @@ never raises: if the application's processors or renderer cannot handle a value 
 tuple keys under a JSON renderer, an object whose ``__repr__`` raises), the event is logged
 again with every value as a safe ``repr``, and if that fails too it goes to the standard
 ``logging`` module. A flow must never fail because of how it was logged.
+
+Quiet by default, the standard library's convention for libraries: until the application
+configures structlog (itself, or with :func:`configure_logging`), events go to the standard
+``logging`` logger of their name (``"streamflow"``) as ``event key=value ...`` lines, so
+with no logging set up only warnings and errors reach stderr (through ``logging``'s
+last-resort handler), and ``logging.basicConfig(level=logging.INFO)`` shows the rest.
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ class Logger:
         self._log = structlog.get_logger(name)
 
     def _emit(self, method: str, event: str, fields: dict[str, Any]) -> None:
+        if not structlog.is_configured():
+            self._stdlib(method, event, fields)
+            return
         try:
             getattr(self._log, method)(event, **fields)
         except Exception as exc:
@@ -79,6 +88,13 @@ class Logger:
                 logging.getLogger(self._name).log(
                     _LEVELS[method], "%s %s (log_error=%s)", event, safe, safe_repr(exc)
                 )
+
+    def _stdlib(self, method: str, event: str, fields: dict[str, Any]) -> None:
+        logger = logging.getLogger(self._name)
+        level = _LEVELS[method]
+        if logger.isEnabledFor(level):
+            text = " ".join([event, *(f"{k}={safe_repr(v)}" for k, v in fields.items())])
+            logger.log(level, "%s", text)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._emit("debug", event, fields)

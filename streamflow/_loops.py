@@ -20,6 +20,8 @@ from typing import Any
 import anyio
 
 from ._calls import _listing, _to_list
+from ._channel import ReceiveEnd
+from ._errors import StageError
 from ._message import Message
 from ._runners import FunctionRunner
 
@@ -285,10 +287,12 @@ async def window(r: FunctionRunner) -> None:
 async def tasks(r: FunctionRunner) -> None:
     """Up to ``concurrency`` items at once, one task each; emitted in input order unless
     ``ordered=False`` (then as they complete). A new item starts as soon as it arrives and
-    there is room; a failure surfaces when it is the item's turn to be emitted."""
+    there is room; a failure surfaces when it is the item's turn to be emitted. On a keyed
+    stream an item starts only once its key's previous item is done, so each key's items
+    run, and complete, in order."""
     recv, c = r.recv, r.c
     assert recv is not None
-    k, ordered = r.spec.concurrency, r.spec.ordered
+    k, ordered, keyed = r.spec.concurrency, r.spec.ordered, r.spec.keyed
     loop = asyncio.get_running_loop()
     running: deque[asyncio.Task[tuple[Message[Any], bool, Any]]] = deque()
     closed = False
@@ -305,22 +309,35 @@ async def tasks(r: FunctionRunner) -> None:
         c.record(_perf() - t0)
         return msg, ok, value
 
+    # a keyed stream: an item starts once the one before it of the same key is done
+    latest: dict[Any, asyncio.Task[tuple[Message[Any], bool, Any]]] = {}
+
+    async def after(
+        before: asyncio.Task[tuple[Message[Any], bool, Any]], msg: Message[Any]
+    ) -> tuple[Message[Any], bool, Any]:
+        if not before.done():
+            await asyncio.wait((before,))
+        return await one(msg)
+
+    def start(msg: Message[Any]) -> asyncio.Task[tuple[Message[Any], bool, Any]]:
+        if not keyed:
+            return loop.create_task(one(msg))
+        key = msg.key
+        before = latest.get(key)
+        task = loop.create_task(one(msg) if before is None else after(before, msg))
+        latest[key] = task
+        task.add_done_callback(lambda t: latest.pop(key) if latest.get(key) is t else None)
+        return task
+
     try:
         while True:
             while not closed and len(running) < k and (not running or len(recv)):
-                run = recv.take_up_to(k - len(running))
+                run = await _intake(recv, k - len(running), busy=bool(running))
                 if not run:
-                    if recv.exhausted:
-                        closed = True
-                    elif running:
-                        break
-                    elif not await recv.wait():
-                        closed = True
-                    else:
-                        continue
+                    closed = run is None
                     break
                 c.items_in += len(run)
-                running.extend(loop.create_task(one(msg)) for msg in run)
+                running.extend(start(msg) for msg in run)
             if not running:
                 return
             if ordered:
@@ -347,11 +364,100 @@ async def tasks(r: FunctionRunner) -> None:
             if ok:
                 await r.pass_on(ok, results, _perf())
     finally:
-        for task in running:
-            task.cancel()
-        if running:
-            with anyio.CancelScope(shield=True):
-                await asyncio.gather(*running, return_exceptions=True)
+        await _cancel(list(running))
+
+
+async def runs(r: FunctionRunner) -> None:
+    """A sink that takes runs (``send_run``): each run of queued items is one call, in a
+    task, with up to ``concurrency`` items in flight over all the runs; items are settled
+    in input order as their runs complete, each failed item by the error policy."""
+    recv, c, recover = r.recv, r.c, r.recover
+    assert recv is not None
+    k = r.spec.concurrency
+    send_run = r.spec.fn.send_run
+    loop = asyncio.get_running_loop()
+    running: deque[tuple[asyncio.Task[list[BaseException | None]], list[Message[Any]]]] = deque()
+    inflight = 0
+    closed = False
+
+    async def one(msgs: list[Message[Any]]) -> list[BaseException | None]:
+        t0 = _perf()
+        try:
+            outcomes = list(await send_run([m.value for m in msgs]))
+        except Exception as exc:  # the whole call failed: so did each of its items
+            outcomes = [exc] * len(msgs)
+        c.record_run(_perf() - t0, len(msgs))
+        if len(outcomes) != len(msgs):
+            raise StageError(
+                r.name,
+                msgs[0].value,
+                TypeError(f"send_run returned {len(outcomes)} outcomes for {len(msgs)} items"),
+                flow=r.rt.name,
+                meta=msgs[0].meta,
+            )
+        return outcomes
+
+    try:
+        while True:
+            while not closed and inflight < k and (not running or len(recv)):
+                run = await _intake(recv, k - inflight, busy=bool(running))
+                if not run:
+                    closed = run is None
+                    break
+                inflight += len(run)
+                running.append((loop.create_task(one(run)), run))
+            if not running:
+                return
+            if not running[0][0].done():
+                closed = closed or recv.exhausted
+                await recv.wait_any([running[0][0]], input=not closed and inflight < k)
+                continue
+            ok: list[Message[Any]] = []
+            results: list[Any] = []
+            while running and running[0][0].done():
+                task, msgs = running.popleft()
+                inflight -= len(msgs)
+                for msg, error in zip(msgs, task.result(), strict=True):
+                    if error is None:
+                        ok.append(msg)
+                        results.append(None)
+                        continue
+                    if not isinstance(error, Exception):
+                        raise error
+                    good, value = await recover(msg, error)
+                    if good:
+                        ok.append(msg)
+                        results.append(value)
+            if ok:
+                await r.pass_on(ok, results, _perf())
+    finally:
+        await _cancel([task for task, _ in running])
+
+
+async def _intake(
+    recv: ReceiveEnd[Message[Any]], room: int, *, busy: bool
+) -> list[Message[Any]] | None:
+    """Up to ``room`` of the items buffered now; when none is and nothing is ``busy``, wait
+    for some. ``[]``: none now (go on with what is busy); ``None``: the stream ended."""
+    while True:
+        run = recv.take_up_to(room)
+        if run:
+            return run
+        if recv.exhausted:
+            return None
+        if busy:
+            return []
+        if not await recv.wait():
+            return None
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for them (shielded: the stage is ending)."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 LOOP_RUNNERS: dict[str, Callable[[FunctionRunner], Awaitable[None]]] = {
@@ -359,5 +465,6 @@ LOOP_RUNNERS: dict[str, Callable[[FunctionRunner], Awaitable[None]]] = {
     "worker": worker,
     "window": window,
     "tasks": tasks,
+    "runs": runs,
 }
 """The loop of each strategy name a function stage's spec can carry."""

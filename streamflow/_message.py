@@ -29,6 +29,13 @@ class Outcome(enum.Flag):
     """A stage failed on it and its policy skipped it."""
     DEAD_LETTERED = enum.auto()
     """A stage failed on it and it went to the dead-letter sink."""
+    ABORTED = enum.auto()
+    """The flow stopped before the item was handled: a stage failed (``errors="fail"``), or
+    the flow was stopped without draining or cancelled. Whether a sink saw it is unknown;
+    at-least-once connectors do not commit it, so it is delivered again."""
+    LATE = enum.auto()
+    """It came after the window it belongs to had closed (event time past the watermark),
+    and the window stage's ``late="drop"`` dropped it."""
 
 
 AckCallback = Callable[[Outcome], None]
@@ -42,17 +49,26 @@ class Message(Generic[T]):
     partition, offset, ...) and to learn, through ``on_ack(outcome)``, when everything derived
     from the item has been handled. Plain values are wrapped automatically. ``on_ack`` runs on
     the event loop and must not block. Stages see ``value`` unless they ask for the envelope.
+    ``key`` is the item's key once a ``key_by`` stage set it (``None`` before), and it
+    stays with the item, and with everything derived from it, through the stages after.
     """
 
-    __slots__ = ("_ack", "_born", "meta", "value")
+    __slots__ = ("_ack", "_born", "_origin", "key", "meta", "value")
 
     def __init__(
-        self, value: T, meta: dict[str, Any] | None = None, on_ack: AckCallback | None = None
+        self,
+        value: T,
+        meta: dict[str, Any] | None = None,
+        on_ack: AckCallback | None = None,
+        *,
+        key: Any = None,
     ) -> None:
         self.value = value
         self.meta = meta
+        self.key = key
         self._ack: _Ack | None = _Ack(on_ack) if on_ack is not None else None
         self._born = 0.0
+        self._origin: str | None = None  # the source it came from (set by the source)
 
     def __repr__(self) -> str:
         return f"Message(value={self.value!r}, meta={self.meta!r})"
@@ -62,7 +78,9 @@ class Message(Generic[T]):
         child: Message[Any] = Message.__new__(Message)
         child.value = value
         child.meta = self.meta
+        child.key = self.key
         child._born = self._born
+        child._origin = self._origin
         ack = self._ack
         if ack is not None:
             ack.pending += 1
@@ -83,13 +101,14 @@ class _Ack:
     the per-item path) and turned into an :class:`Outcome` once, when the ack fires.
     """
 
-    __slots__ = ("callback", "counter", "outcome", "pending")
+    __slots__ = ("callback", "counter", "live", "outcome", "pending")
 
     def __init__(
         self, callback: AckCallback | None, counter: defaultdict[int, int] | None = None
     ) -> None:
         self.callback = callback
         self.counter = counter  # the source's outcome counts
+        self.live: set[_Ack] | None = None  # the running flow's acks not fired yet
         self.pending = 1
         self.outcome = 0
 
@@ -97,10 +116,26 @@ class _Ack:
         self.outcome |= outcome
         self.pending -= 1
         if self.pending == 0:
+            if self.live is not None:
+                self.live.discard(self)
             if self.counter is not None:
                 self.counter[self.outcome] += 1
             if self.callback is not None:
                 self.callback(Outcome(self.outcome))
+
+    def abort(self) -> None:
+        """Fire now, with ``ABORTED`` added: the flow stopped before every derived item was
+        handled. Items derived from it that finish later change nothing (it fires once)."""
+        if self.pending <= 0:
+            return
+        self.pending = 0
+        self.outcome |= ABORTED
+        if self.live is not None:
+            self.live.discard(self)
+        if self.counter is not None:
+            self.counter[self.outcome] += 1
+        if self.callback is not None:
+            self.callback(Outcome(self.outcome))
 
 
 class _AckGroup(_Ack):
@@ -120,9 +155,32 @@ class _AckGroup(_Ack):
                 member._done(self.outcome)
 
 
+class _AckSet(_Ack):
+    """The ack of a window: handling the window handles each item it holds (an item in
+    several windows holds one pending count per window)."""
+
+    __slots__ = ("acks",)
+
+    def __init__(self, acks: list[_Ack]) -> None:  # no super() call: one per window
+        self.callback = None
+        self.counter = None
+        self.pending = 1
+        self.outcome = 0
+        self.acks = acks
+
+    def done(self, outcome: int) -> None:
+        self.outcome |= outcome
+        self.pending -= 1
+        if self.pending == 0:
+            for ack in self.acks:
+                ack.done(self.outcome)
+
+
 # Outcome values as ints, for the per-item path.
 DELIVERED = Outcome.DELIVERED.value
 FILTERED = Outcome.FILTERED.value
 DROPPED = Outcome.DROPPED.value
 SKIPPED = Outcome.SKIPPED.value
 DEAD_LETTERED = Outcome.DEAD_LETTERED.value
+ABORTED = Outcome.ABORTED.value
+LATE = Outcome.LATE.value

@@ -29,6 +29,7 @@ from ._policy import DeadLetter, Retry
 from ._recovery import Recovery
 from ._spec import StageSpec, called
 from ._stage import Stage, StageContext
+from ._state import StatefulMap
 
 if TYPE_CHECKING:
     from ._cuda import CudaPlacement
@@ -156,6 +157,8 @@ class FunctionRunner(Runner):
             wrap=self.cuda.wrap if self.cuda is not None else None,
         )
         self.settle = settle_for(spec.kind)
+        if isinstance(spec.fn, StatefulMap):
+            self.c.state = spec.fn.counts  # its metrics report the keys it holds
         self.recover = Recovery(
             rt.name, spec.name, spec.kind, spec.errors, self.invoke, self.c, envelope=spec.envelope
         )
@@ -251,8 +254,10 @@ class BatchRunner(Runner):
         batch: Message[Any] = Message.__new__(Message)
         batch.value = [m.value for m in members]
         batch.meta = None
+        batch.key = None  # a batch mixes keys: its stream is not keyed
         batch._ack = _AckGroup(members)
         batch._born = members[0]._born
+        batch._origin = members[0]._origin
         c.items_out += 1
         await self.emit([batch])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -10,15 +11,18 @@ import anyio
 
 from ._channel import Channel, ReceiveEnd
 from ._devices import WorkerPool
-from ._errors import StageError
+from ._errors import ChannelClosed, StageError
+from ._flowstate import FlowState
 from ._logging import get_logger
 from ._loops import LOOP_RUNNERS
-from ._message import DROPPED, Message
+from ._message import DROPPED, Message, _Ack
 from ._metrics import StageMetrics
 from ._runners import BatchRunner, FunctionRunner, Runner, UnbatchRunner
+from ._signals import Interrupted, wait_stopping_on_signals
 from ._source_runner import SourceRunner
 from ._spec import FlowSpec, StageSpec
 from ._stage import Stage
+from ._window_runner import WindowRunner
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -39,9 +43,14 @@ class RunOwner(Protocol):
 
 
 class RunningFlow:
-    """A started flow (from ``flow.start()``): stop it, wait for it, read its metrics.
+    """A started flow (from ``flow.start()``): stop it, wait for it, read its metrics and
+    its :attr:`state`.
 
-    Use it as an async context manager; leaving the block drains the flow.
+    Use it as an async context manager; leaving the block drains the flow. When the flow
+    fails or is stopped without draining, every item still inside it is acked at once with
+    :attr:`~streamflow.Outcome.ABORTED` (so a request waiting on its ``on_ack`` fails, never
+    hangs), and its ``Channel`` sources are closed: sending into them raises
+    :class:`~streamflow.ChannelClosed` saying why.
     """
 
     def __init__(self, spec: FlowSpec, owner: RunOwner | None = None) -> None:
@@ -61,6 +70,19 @@ class RunningFlow:
         self._tg: TaskGroup | None = None
         self._started_at = 0.0
         self._stop_reason = "completed"
+        self._state = FlowState.STARTING
+        self._live: set[_Ack] = set()  # acks with an on_ack, not fired yet
+
+    @property
+    def state(self) -> FlowState:
+        """Where the flow is: starting, running, draining, stopped or failed (see
+        :class:`~streamflow.FlowState`); what a health check reads."""
+        return self._state
+
+    @property
+    def error(self) -> StageError | None:
+        """The failure that stopped the flow (state ``failed``), else ``None``."""
+        return self._failure
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -77,6 +99,7 @@ class RunningFlow:
         await self._tg.__aenter__()
         for runner in self._runners:
             self._tg.start_soon(runner.run, name=f"streamflow:{self.name}:{runner.name}")
+        self._state = FlowState.RUNNING
         log.info("flow.start", flow=self.name, stages=[r.name for r in self._runners])
         return self
 
@@ -93,13 +116,16 @@ class RunningFlow:
                 await self.stop(drain=True)
             except BaseException as caught:  # cancelled: a stage failed or our caller was
                 exc_type, exc, tb = type(caught), caught, caught.__traceback__
+        if exc is not None:  # not drained: nothing still inside may wait for the teardown
+            self._abort(f"flow {self.name!r} was stopped")
         if isinstance(exc, anyio.get_cancelled_exc_class()) and self._failure is None:
             self._stop_reason = "cancelled"
         swallowed = False
         try:
             if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
                 # an error in the user's block: stop without draining, re-raise it unchanged
-                self._stop_reason = "error"
+                if not isinstance(exc, Interrupted):
+                    self._stop_reason = "error"
                 tg.cancel_scope.cancel()
                 await tg.__aexit__(None, None, None)
             else:
@@ -122,6 +148,9 @@ class RunningFlow:
             owner.run_ended(metrics)
 
     def _finish(self) -> None:
+        if self._state != FlowState.FAILED:
+            self._state = FlowState.STOPPED
+        self._abort(f"flow {self.name!r} has stopped")  # nothing may wait on a finished flow
         metrics = self.metrics()
         self._hand_back(metrics)
         if self._failure is not None:
@@ -142,20 +171,79 @@ class RunningFlow:
         """Stop the flow and wait until it has stopped.
 
         ``drain=True``: sources stop pulling, every item already taken reaches the sinks (and
-        is acked), then stages tear down. ``drain=False``: cancel at once; items in flight are
-        not acked, so at-least-once sources deliver them again.
+        is acked), then stages tear down; a ``Channel`` source is closed (sending into it
+        raises :class:`~streamflow.ChannelClosed`) and what it holds is still handled.
+        ``drain=False``: cancel at once; every item still inside is acked ``ABORTED``, which
+        at-least-once connectors do not commit, so they deliver it again.
         """
+        if not drain:
+            self._stop_at_once("cancelled")
+            await self._finished.wait()
+            return
         if self._stop_reason == "completed" and not self._finished.is_set():
-            self._stop_reason = "stopped" if drain else "cancelled"
+            self._stop_reason = "stopped"
+        if self._state == FlowState.RUNNING:
+            self._state = FlowState.DRAINING
         for source in self._sources:
-            source.stop()
-        if not drain and self._tg is not None:
-            self._tg.cancel_scope.cancel()
+            if isinstance(source.spec.fn, Channel):
+                # ends once what it holds is taken: items already sent are not lost
+                source.spec.fn.close(f"flow {self.name!r} is draining: it takes no more items")
+            else:
+                source.stop()
         await self._finished.wait()
 
-    async def wait(self) -> None:
-        """Wait until every source is exhausted and every item has been handled."""
-        await self._finished.wait()
+    def _stop_at_once(self, reason: str) -> None:
+        """Begin a stop without draining, and ack what is inside ``ABORTED`` (no waiting)."""
+        if self._stop_reason == "completed" and not self._finished.is_set():
+            self._stop_reason = reason
+        if self._state in (FlowState.STARTING, FlowState.RUNNING, FlowState.DRAINING):
+            self._state = FlowState.STOPPED
+        for source in self._sources:
+            source.stop()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        self._abort(f"flow {self.name!r} was stopped")
+
+    def _abort(self, why: str) -> None:
+        """Close the ``Channel`` sources (senders get ``why``) and ack ``ABORTED`` what they
+        hold and every item still inside the flow. Idempotent."""
+        if self._failure is not None:
+            why = f"flow {self.name!r} failed: {self._failure}"
+        for source in self._sources:
+            channel = source.spec.fn
+            if isinstance(channel, Channel):
+                channel.close(why)
+                while True:
+                    try:
+                        item = channel.receive_nowait()
+                    except (asyncio.QueueEmpty, ChannelClosed):
+                        break
+                    if isinstance(item, Message) and item._ack is not None:
+                        self._abort_ack(item._ack)
+        while self._live:
+            self._abort_ack(self._live.pop())
+
+    def _abort_ack(self, ack: _Ack) -> None:
+        ack.live = None
+        try:
+            ack.abort()
+        except Exception as exc:  # one bad on_ack must not keep the others from failing
+            log.error("ack.error", flow=self.name, outcome="aborted", error=repr(exc))
+
+    async def wait(self, *, stop_on_signals: bool = False, drain_timeout: float = 30.0) -> None:
+        """Wait until every source is exhausted and every item has been handled.
+
+        ``stop_on_signals=True`` (main thread only): while waiting, the first SIGINT or
+        SIGTERM stops the sources and drains the flow, and ``wait`` returns normally once it
+        has drained; a second signal, or ``drain_timeout`` seconds without the drain
+        finishing, stops it at once. The previous handlers are restored afterwards.
+
+        :raises Interrupted: stopped at once by a second signal or the drain timeout.
+        """
+        if stop_on_signals:
+            await wait_stopping_on_signals(self, drain_timeout)
+        else:
+            await self._finished.wait()
 
     def metrics(self) -> dict[str, StageMetrics]:
         """Per-stage counters, queue depth, busy fraction and latency, by stage name."""
@@ -188,10 +276,12 @@ class RunningFlow:
         )
         if self._failure is None:
             self._failure = error
+            self._state = FlowState.FAILED
         elif error is not self._failure:
             self._failure.attach(error)
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
+        self._abort(f"flow {self.name!r} failed: {self._failure}")
 
     def runner_done(self, runner: Runner) -> None:
         self._pending -= 1
@@ -200,6 +290,8 @@ class RunningFlow:
             if self._pending_workers == 0:
                 self._drained.set()
         if self._pending == 0:
+            if self._state != FlowState.FAILED:
+                self._state = FlowState.STOPPED
             self._finished.set()
 
     async def wait_drained(self) -> None:
@@ -221,6 +313,7 @@ class RunningFlow:
                 runner.connect(self._inboxes[reader].sender(), reader)
             self._runners.append(runner)
             if isinstance(runner, SourceRunner):
+                runner.live = self._live
                 self._sources.append(runner)
         self._by_name = {runner.name: runner for runner in self._runners}
         self._pending = len(self._runners)
@@ -234,6 +327,8 @@ class RunningFlow:
             return BatchRunner(self, spec, recv)
         if spec.kind == "unbatch":
             return UnbatchRunner(self, spec, recv)
+        if spec.kind == "window":
+            return WindowRunner(self, spec, recv)
         return FunctionRunner(self, spec, recv, LOOP_RUNNERS[spec.loop])
 
     def _dropper(self, stage: str) -> Any:

@@ -31,6 +31,8 @@ class SourceRunner(Runner):
         super().__init__(rt, spec, None)
         self._stopping = False
         self._scope: anyio.CancelScope | None = None
+        # the flow's acks with an on_ack, not fired yet (aborted if the flow fails)
+        self.live: set[_Ack] | None = None
 
     def stop(self) -> None:
         """Stop pulling. An item already pulled is still sent (nothing taken is lost)."""
@@ -39,7 +41,7 @@ class SourceRunner(Runner):
             self._scope.cancel()
 
     def _wrap(self, items: list[Any], born: float) -> list[Message[Any]]:
-        counter = self.c.outcomes
+        counter, origin = self.c.outcomes, self.name
         msgs = []
         for item in items:
             if type(item) is Message:
@@ -48,12 +50,17 @@ class SourceRunner(Runner):
                     msg._ack = _Ack(None, counter)
                 else:
                     msg._ack.counter = counter
+                    if self.live is not None:
+                        msg._ack.live = self.live
+                        self.live.add(msg._ack)
             else:
                 msg = Message.__new__(Message)
                 msg.value = item
                 msg.meta = None
+                msg.key = None
                 msg._ack = _Ack(None, counter)
             msg._born = born
+            msg._origin = origin
             msgs.append(msg)
         self.c.items_out += len(msgs)
         return msgs

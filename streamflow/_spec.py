@@ -18,19 +18,36 @@ from ._channel import Overflow
 from ._policy import ErrorPolicy
 from ._stage import Stage
 
-__all__ = ["LOOPS", "FlowSpec", "Kind", "Loop", "StageSpec", "choose_loop"]
+__all__ = ["LOOPS", "FlowSpec", "Kind", "Loop", "StageSpec", "choose_loop", "sends_runs"]
 
-Kind = Literal["source", "map", "filter", "flat_map", "batch", "unbatch", "sink", "merge"]
+Kind = Literal[
+    "source", "map", "key_by", "filter", "flat_map", "batch", "unbatch", "window", "sink", "merge"
+]
 
-Loop = Literal["source", "inline", "worker", "window", "tasks", "batch", "unbatch", "junction"]
+Loop = Literal[
+    "source",
+    "inline",
+    "worker",
+    "window",
+    "tasks",
+    "runs",
+    "batch",
+    "unbatch",
+    "windows",
+    "junction",
+]
 LOOPS: Mapping[str, str] = {
     "source": "pulls items from the source, a run of them at a time when it has them",
     "inline": "calls the function on the event loop, over each run of queued items",
     "worker": "sends each run of queued items to the stage's worker thread as one job",
     "window": "starts up to `concurrency` calls that return futures, results in order",
-    "tasks": "runs up to `concurrency` items at once, one task each",
+    "tasks": "runs up to `concurrency` items at once, one task each (one per key at a time "
+    "on a keyed stream)",
+    "runs": "hands each run of queued items to the sink's send_run, up to `concurrency` items "
+    "in flight",
     "batch": "groups items into lists by size and wait",
     "unbatch": "splits lists back into their items",
+    "windows": "holds items in windows per key and emits each window when it closes",
     "junction": "a merge: no task, its inputs feed its readers directly",
 }
 """Every loop strategy, with what it does (the names ``flow.describe()`` shows)."""
@@ -42,6 +59,8 @@ class StageSpec:
 
     ``outputs`` are the stages that read this one's items, merges resolved to what reads
     them; ``consumers`` the direct ones (merges included), for describing the graph.
+    ``keyed``: the stage reads a keyed stream (its items carry ``Message.key``): with
+    ``concurrency > 1`` it never runs two items of one key at once.
     """
 
     name: str
@@ -60,6 +79,7 @@ class StageSpec:
     errors: ErrorPolicy = "fail"
     envelope: bool = False
     options: Mapping[str, Any] | None = None
+    keyed: bool = False
 
     @property
     def has_inbox(self) -> bool:
@@ -90,6 +110,12 @@ def called(kind: Kind, fn: Any) -> Any:
     return fn
 
 
+def sends_runs(fn: Any) -> bool:
+    """Whether a sink object takes runs: ``async send_run(items) -> list[error or None]``
+    (see :class:`~streamflow.Sink`)."""
+    return not callable(fn) and is_async(getattr(fn, "send_run", None))
+
+
 def choose_loop(
     kind: Kind,
     fn: Any,
@@ -102,9 +128,13 @@ def choose_loop(
     """The loop strategy for a stage (one place decides it; see :data:`LOOPS`)."""
     if kind in ("source", "batch", "unbatch"):
         return kind
+    if kind == "window":
+        return "windows"
     if kind == "merge":
         return "junction"
     call = called(kind, fn)
+    if kind == "sink" and device is None and not envelope and sends_runs(fn):
+        return "runs"
     on_loop = is_async(call) or inspect.isasyncgenfunction(call) or device is None
     if concurrency > 1:
         windowed = kind == "map" and ordered and device is None and not envelope

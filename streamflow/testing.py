@@ -59,8 +59,11 @@ class MemorySource(Generic[T]):
 
     @property
     def unacked(self) -> list[int]:
-        """Offsets taken by the flow and not acknowledged yet."""
-        return [o for o in range(self.taken) if o not in self.acked]
+        """Offsets taken by the flow and not acknowledged yet, or acknowledged ``ABORTED``:
+        what a broker would deliver again."""
+        return [
+            o for o in range(self.taken) if o not in self.acked or self.acked[o] & Outcome.ABORTED
+        ]
 
 
 class MemorySink(Generic[T]):

@@ -1,5 +1,6 @@
 """Every example runs end to end (each checks its own results with asserts)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,3 +16,19 @@ def test_example_runs(name: str) -> None:
         [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_demo_learns_the_drifting_stream_then_serves_it() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py"), "--samples", "1500"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rose = re.search(r"accuracy rose from ([\d.]+) \(first \d+ msgs\) to ([\d.]+)", result.stdout)
+    assert rose is not None, result.stdout[-2000:]
+    first, last = float(rose[1]), float(rose[2])
+    assert last > first + 0.05, rose[0]
+    assert "msgs/s" in result.stdout and "served" in result.stdout
+    assert result.stderr == ""  # quiet by default: no library logs below warning

@@ -12,9 +12,9 @@ from types import TracebackType
 from typing import Any
 
 import anyio
-import structlog
 
 import streamflow as sf
+from streamflow._logging import get_logger
 
 from .._deadletter import dead_letter_entry
 from .._record import Record
@@ -22,7 +22,7 @@ from ..codecs import JSON, TEXT, Codec, CsvCodec
 
 __all__ = ["CsvSink", "DeadLetterFile", "JsonLinesSink", "LinesSink"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 
 class LinesSink:

@@ -12,9 +12,9 @@ from typing import Any, BinaryIO
 
 import anyio
 import anyio.lowlevel
-import structlog
 
 import streamflow as sf
+from streamflow._logging import get_logger
 
 from .._errors import ConnectorError
 from .._inorder import InOrder
@@ -25,7 +25,7 @@ from ._split import PAUSE, Piece, Splitter
 
 __all__ = ["CsvHeaderError", "CsvSource", "JsonLinesSource", "LinesSource"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 _CHUNK = 1 << 16
 _SKIP_CHUNK = 1 << 20
@@ -297,6 +297,8 @@ class LinesSource:
         return sf.Message(record, meta=meta, on_ack=partial(self._ack, seq))
 
     def _ack(self, seq: int, outcome: sf.Outcome) -> None:
+        if outcome & sf.Outcome.ABORTED:
+            return  # the flow stopped before handling it: the position stays before it
         done = self._done
         if done.release(seq):
             self._released = done.last

@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
+from streamflow._logging import get_logger
 
 from ._atomic import write_atomic
 
 __all__ = ["Checkpoint", "FilePosition"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 import anyio
-import structlog
 
 import streamflow as sf
+from streamflow._logging import get_logger
 
 from .._inorder import InOrder
 from .._record import Record
@@ -26,7 +26,7 @@ from ._position import Checkpoint
 
 __all__ = ["NpyCodec", "SafetensorsCodec", "TensorFileSink", "TensorFileSource"]
 
-log = structlog.get_logger("streamflow")
+log = get_logger("streamflow")
 
 Framework = Literal["torch", "numpy"]
 SUFFIXES = (".npy", ".safetensors", ".sft")
@@ -270,6 +270,8 @@ class TensorFileSource:
         return sf.Message(record, meta=meta, on_ack=partial(self._ack, path.name))
 
     def _ack(self, name: str, outcome: sf.Outcome) -> None:
+        if outcome & sf.Outcome.ABORTED:
+            return  # the flow stopped before handling it: the position stays before it
         released = self._done.done(name)
         if released:
             self._committed = released[-1]

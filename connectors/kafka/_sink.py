@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -176,12 +176,41 @@ class KafkaSink:
         if self.batched:
             if not isinstance(item, list):
                 raise TypeError(f"{self!r} is batched: put a batch stage before it")
-            await self._produce_many([self._prepare(x) for x in item])
+            errors = await self._produce_many([self._prepare(x) for x in item])
+            failed = next((e for e in errors if e is not None), None)
+            if failed is not None:
+                raise failed
             return
         await self._produce(*self._prepare(item))
 
-    async def _produce_many(self, records: list[_Prepared]) -> None:
-        """Produce ``records`` at once; the ones that fail are retried one by one."""
+    async def send_run(self, items: list[Any]) -> list[BaseException | None]:
+        """Produce a run of items at once and wait for the broker's confirmations: the
+        sink stage calls this for each run of queued items (no task per item). Per item,
+        ``None`` once the broker has it, or the error it failed with (an item the codec
+        cannot encode, a record the broker rejected): that item alone meets the stage's
+        error policy."""
+        outcomes: list[BaseException | None] = [None] * len(items)
+        prepared: list[tuple[int, _Prepared]] = []  # (the item it belongs to, the record)
+        for i, item in enumerate(items):
+            try:
+                if not self.batched:
+                    prepared.append((i, self._prepare(item)))
+                elif not isinstance(item, list):
+                    raise TypeError(f"{self!r} is batched: put a batch stage before it")
+                else:
+                    prepared.extend([(i, self._prepare(x)) for x in item])
+            except Exception as exc:
+                outcomes[i] = exc
+        errors = await self._produce_many([record for _, record in prepared])
+        for (i, _), error in zip(prepared, errors, strict=True):
+            if error is not None and outcomes[i] is None:
+                outcomes[i] = error  # a batch fails with the first record that failed
+        return outcomes
+
+    async def _produce_many(self, records: list[_Prepared]) -> list[BaseException | None]:
+        """Produce ``records`` at once (one wait for all the confirmations); the ones that
+        fail are produced again one by one, with backoff. Per record, ``None`` or the
+        error it finally failed with."""
         producer = self._producer or await self._start()
         futures: list[asyncio.Future[Any]] = []
         try:
@@ -194,11 +223,14 @@ class KafkaSink:
         except KafkaError:
             pass  # the rest go through _produce below
         results = await asyncio.gather(*futures, return_exceptions=True)
+        errors: list[BaseException | None] = []
         for i, record in enumerate(records):
             if i < len(results) and not isinstance(results[i], BaseException):
                 self.sent += 1
+                errors.append(None)
             else:
-                await self._produce(*record)
+                errors.append(await _outcome(self._produce(*record)))
+        return errors
 
     async def _produce(
         self,
@@ -248,6 +280,10 @@ class DeadLetterTopic(KafkaSink):
     ``dlq.attempts``.
     """
 
+    async def send_run(self, items: list[Any]) -> list[BaseException | None]:
+        """One by one: each failed item gets its own record with its headers."""
+        return [await _outcome(self.send(item)) for item in items]
+
     async def send(self, item: Any) -> None:
         if not isinstance(item, sf.FailedItem):
             await super().send(item)
@@ -255,3 +291,12 @@ class DeadLetterTopic(KafkaSink):
         entry = dead_letter_entry(item)
         headers = [(f"dlq.{name}", text.encode()) for name, text in entry.fields().items()]
         await self._produce(self.topic, entry.raw, entry.key, headers, None)
+
+
+async def _outcome(sending: Awaitable[None]) -> Exception | None:
+    """``None`` when ``sending`` finished, else the exception it raised."""
+    try:
+        await sending
+    except Exception as exc:
+        return exc
+    return None

@@ -46,7 +46,7 @@ class KafkaSourceStats:
     yielded: int = 0
     """Records handed to the flow."""
     acked: int = 0
-    """Records the flow finished (any outcome)."""
+    """Records the flow finished (any outcome but ``ABORTED``)."""
     commits: int = 0
     """Successful offset commits."""
     pauses: int = 0
@@ -221,6 +221,8 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         return sf.Message(record, meta=meta, on_ack=partial(self._on_ack, part, offset))
 
     def _on_ack(self, part: _Partition, offset: int, outcome: sf.Outcome) -> None:
+        if outcome & sf.Outcome.ABORTED:
+            return  # the flow stopped before handling it: never committed, delivered again
         self.stats.acked += 1
         if not part.active:
             return

@@ -18,6 +18,7 @@ from aiokafka.errors import (
 
 from .._backoff import Backoff
 from .._errors import AuthenticationFailed
+from ._quiet import quiet_auto_create
 from ._redact import redact_secret
 
 __all__ = ["start_client"]
@@ -61,9 +62,11 @@ async def start_client(
         or the TLS handshake (retrying cannot help; aiokafka itself only logs why).
     :raises ~streamflow.connectors.BrokerUnavailable: the broker stayed unreachable ``give_up_after`` s.
 
-    A SASL password in ``options`` is redacted from aiokafka's log records from then on.
+    A SASL password in ``options`` is redacted from aiokafka's log records from then on, and
+    aiokafka's transient complaints about auto-created topics are lowered to DEBUG.
     """
     redact_secret(options.get("sasl_plain_password"))
+    quiet_auto_create()
     backoff = Backoff(what, give_up_after=give_up_after)
     while True:
         client = make()

@@ -214,6 +214,8 @@ class MqttSource(BufferedSource[tuple[int, aiomqtt.Message]]):
         return sf.Message(record, meta=meta, on_ack=partial(self._ack, generation, self._seq))
 
     def _ack(self, generation: int, seq: int, outcome: sf.Outcome) -> None:
+        if outcome & sf.Outcome.ABORTED:
+            return  # the flow stopped before handling it: not acked, the broker resends it
         if generation != self._generation:
             return  # received on a connection that is gone: the broker will resend it
         client = self._client

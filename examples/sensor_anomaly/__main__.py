@@ -21,13 +21,13 @@ async def main(readings: int, anomalies: int) -> None:
     flow, source = build(settings)
     async with flow.start() as running:
         await source.wait_subscribed()
-        injected = await publish_readings(
-            settings.prefix, readings=readings, anomalies=anomalies, rate=2000
+        injected = await publish_readings(  # in real time: 4 sensors at 100 Hz
+            settings.prefix, readings=readings, anomalies=anomalies, rate=4 * settings.hz
         )
         total = 4 * readings
         while running.metrics()["validate"].items_in < total:  # noqa: ASYNC110 - a metric
             await asyncio.sleep(0.05)
-        await running.stop()  # drain: the last window is scored and written
+        await running.stop()  # drain: the last windows are scored and written
     sent = flow.metrics()["kafka"].items_out
     print(f"published {4 * readings} readings with {len(injected)} anomalies injected:")
     print("   ", sorted(injected))
@@ -48,6 +48,7 @@ async def main(readings: int, anomalies: int) -> None:
         await consumer.stop()
     for name, m in flow.metrics().items():
         print(f"  {name:10} in={m.items_in:5} out={m.items_out:5} busy={m.busy:.2f}")
+    print(f"  window: {flow.metrics()['window'].state} (held at the end: nothing)")
 
 
 if __name__ == "__main__":

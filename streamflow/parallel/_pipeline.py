@@ -51,9 +51,9 @@ def pipeline(
     :func:`streamflow.parallel.plan`; it may use fewer stages than devices); when other plans
     are predicted within 25% of the best, the candidates (three at most) run for about 1 s
     in all as real pipelines on the device threads, and one measured faster than the
-    incumbent by over 8% replaces it (on CPU workers; docs/PARALLEL.md has the rules). A list gives the layers per stage (profiled
-    for the plan's predicted costs when ``example`` is given); a :class:`Plan` is used as it
-    is. ``pipe.plan.table()`` says how each input was measured and how the plan was chosen.
+    incumbent by over 12% replaces it (on CPU workers; docs/PARALLEL.md has the rules). A
+    list gives the layers per stage (profiled for the plan's predicted costs when
+    ``example`` is given); a :class:`Plan` is used as it is. ``pipe.plan.table()`` says how each input was measured and how the plan was chosen.
     ``capacity`` is how many samples may wait per part (at most ``capacity`` x parts are in
     flight): more keeps the parts busier while the event loop runs, fewer lowers latency
     when the source is always ahead. ``cuda_graphs=True`` captures each CUDA part's forward

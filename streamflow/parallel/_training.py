@@ -167,18 +167,25 @@ class OnlineTrainer:
         return copy.deepcopy(self._whole).to(device)
 
     def state_dict(self) -> dict[str, Any]:
-        """The model's weights (CPU copies, keyed like ``model().state_dict()``) and each
-        part's optimizer state."""
+        """Everything the trainer learned, to carry on after a restart: the model's weights
+        (CPU copies, keyed like ``model().state_dict()``), each part's optimizer state and
+        weight version (updates so far), and the prequential counters behind
+        :meth:`metrics`. Take it while the trainer is not running in a flow (the parts'
+        threads write these)."""
         weights = {k: v.detach().cpu().clone() for k, v in self._whole.state_dict().items()}
         return {
             "model": weights,
             "optimizers": [
                 None if p.optimizer is None else p.optimizer.state_dict() for p in self.parts
             ],
+            "versions": [p.version for p in self.parts],
+            "metrics": self._tally.snapshot(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load :meth:`state_dict` output, or a plain model ``state_dict`` (weights only)."""
+        """Load :meth:`state_dict` output, or a plain model ``state_dict`` (weights only).
+        Output of an older version without ``versions`` and ``metrics`` loads too (the
+        counters then start again from zero)."""
         if isinstance(state.get("model"), Mapping) and "optimizers" in state:
             self._whole.load_state_dict(state["model"])
             optimizers = state["optimizers"]
@@ -189,6 +196,10 @@ class OnlineTrainer:
             for part, opt_state in zip(self.parts, optimizers, strict=True):
                 if part.optimizer is not None and opt_state is not None:
                     part.optimizer.load_state_dict(opt_state)
+            for part, version in zip(self.parts, state.get("versions", ()), strict=False):
+                part.version = int(version)
+            if "metrics" in state:
+                self._tally.restore(state["metrics"])
         else:
             self._whole.load_state_dict(state)
 

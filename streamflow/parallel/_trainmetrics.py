@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -53,6 +55,25 @@ class Tally:
         self.correct = 0
         self.classified = 0
         self.recent: deque[tuple[float, int, int]] = deque(maxlen=window)  # loss, hits, rows
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as plain data (what a checkpoint keeps)."""
+        return {
+            "samples": self.samples,
+            "items": self.items,
+            "correct": self.correct,
+            "classified": self.classified,
+            "recent": [list(r) for r in self.recent],
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take the counters of :meth:`snapshot` back."""
+        self.samples = int(state["samples"])
+        self.items = int(state["items"])
+        self.correct = int(state["correct"])
+        self.classified = int(state["classified"])
+        self.recent.clear()
+        self.recent.extend((float(a), int(b), int(c)) for a, b, c in state["recent"])
 
     def add(self, pred: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, rows: int) -> None:
         self.items += 1

@@ -72,6 +72,8 @@ TABLE: list[tuple[str, Any, dict[str, Any], str]] = [
     ("sink", SendSink(), {}, "inline"),
     ("sink", plain, {"device": "cpu:0"}, "worker"),
     ("sink", coro, {"concurrency": 8}, "tasks"),
+    ("key_by", plain, {}, "inline"),
+    ("key_by", plain, {"device": "cpu:0"}, "worker"),
 ]
 
 
@@ -103,6 +105,12 @@ def test_structural_stages_have_their_own_loops() -> None:
         "u": "unbatch",
         "o": "inline",
     }
+    keyed = flow.source("k", range(3)).key_by("key", lambda i: i)
+    keyed.window("w", sf.Tumbling(1.0)).sink("o2", sf.collect())
+    keyed.stateful_map("state", lambda s, i: (s, i)).sink("o3", sf.collect())
+    spec = flow.spec()
+    assert (spec["w"].loop, spec["state"].loop) == ("windows", "inline")
+    assert spec["w"].keyed and spec["state"].keyed and not spec["key"].keyed
 
 
 @pytest.mark.asyncio
@@ -151,3 +159,49 @@ async def test_a_slow_stage_holds_its_run_inside_its_capacity() -> None:
         assert m.queue_depth == 4 and source.taken <= 4 + 1  # the run in hand, one in the send
         gate.set()
         await running.wait()
+
+
+class RunSink:
+    """A sink that takes runs: records each call's size and the most items in flight."""
+
+    def __init__(self, bad: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        self.calls: list[int] = []
+        self.got: list[int] = []
+        self.inflight = 0
+        self.most = 0
+        self.bad = bad
+
+    async def send(self, item: int) -> None:  # what a Retry calls, for one item
+        self.got.append(item)
+
+    async def send_run(self, items: list[int]) -> list[BaseException | None]:
+        self.calls.append(len(items))
+        self.inflight += len(items)
+        self.most = max(self.most, self.inflight)
+        await asyncio.sleep(0.002)
+        self.inflight -= len(items)
+        out: list[BaseException | None] = []
+        for i in items:
+            if i in self.bad:
+                out.append(ValueError(f"bad {i}"))
+            else:
+                self.got.append(i)
+                out.append(None)
+        return out
+
+
+@pytest.mark.asyncio
+async def test_a_sink_that_takes_runs_gets_runs_with_bounded_items_in_flight() -> None:
+    sink = RunSink(bad={7, 300})
+    acked: dict[int, sf.Outcome] = {}
+    items = [sf.Message(i, on_ack=lambda o, i=i: acked.__setitem__(i, o)) for i in range(500)]
+    flow = sf.Flow("runs")
+    flow.source("s", items).sink("out", sink, concurrency=64, errors="skip")
+    assert flow.spec()["out"].loop == "runs"
+    await flow.run()
+    assert sorted(sink.got) == [i for i in range(500) if i not in (7, 300)]
+    assert sink.most <= 64 and max(sink.calls) > 1  # runs, several in flight, bounded
+    assert len(sink.calls) < 500 / 4
+    assert acked[7] == sf.Outcome.SKIPPED and acked[300] == sf.Outcome.SKIPPED
+    assert sum(o == sf.Outcome.DELIVERED for o in acked.values()) == 498
+    assert flow.metrics()["out"].items_in == 500

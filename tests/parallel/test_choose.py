@@ -133,7 +133,7 @@ async def test_the_trial_restores_training_flags_and_buffers() -> None:
 
 def test_only_a_clear_measured_gain_overturns_the_incumbent_and_layout_decides_the_rest() -> None:
     """Candidate 0 is the incumbent; the trial's rates (samples/s) may overturn it only by
-    more than 8%; challengers measured within 8% of each other go by layout: fewest stages,
+    more than 12%; challengers measured within 12% of each other go by layout: fewest stages,
     then the earliest cuts."""
     prof = crafted([1.0, 1.0, 1.0, 0.1], latency_ms=0.0)
     alone = plan(prof, ["cpu:0"], partition=[4])

@@ -494,3 +494,35 @@ async def test_parts_on_different_devices_learn_as_on_one(
     assert mixed.metrics().updates == cpus.metrics().updates
     got, want = mixed.model().state_dict(), cpus.model().state_dict()
     assert all(torch.allclose(got[k], want[k], atol=1e-4) for k in want)
+
+
+async def test_a_trainer_restarted_from_its_state_dict_carries_on_as_if_never_stopped() -> None:
+    """Train on the first half, save, build a new trainer, load, train on the second half:
+    weights, updates and prequential counters equal one uninterrupted run's."""
+    torch.manual_seed(3)
+    pairs = [(torch.randn(1, 6), torch.randint(0, 3, (1,))) for _ in range(40)]
+
+    def make() -> sf.OnlineTrainer:
+        return sf.OnlineTrainer(
+            small_mlp(),
+            CPUS[:2],
+            loss_fn=nn.functional.cross_entropy,
+            optimizer=lambda p: torch.optim.Adam(p, lr=0.01),
+            schedule="sync",
+            partition=[2, 3],
+        )
+
+    whole = make()
+    await train(whole, pairs)
+    first = make()
+    await train(first, pairs[:20])
+    saved = first.state_dict()
+    second = make()
+    second.load_state_dict(saved)
+    await train(second, pairs[20:])
+    for a, b in zip(whole.model().parameters(), second.model().parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    m_whole, m_second = whole.metrics(), second.metrics()
+    assert m_second.updates == m_whole.updates
+    assert (m_second.samples, m_second.items) == (m_whole.samples, m_whole.items) == (40, 40)
+    assert m_second.accuracy == m_whole.accuracy and m_second.loss == m_whole.loss

@@ -1,0 +1,42 @@
+"""Keep aiokafka's expected, transient complaints off the user's console.
+
+When a producer writes to (or a consumer subscribes to) a topic the broker creates on first
+use, aiokafka's metadata update logs ``Topic ... not found in cluster metadata`` (ERROR) and
+``Topic ... is not available during auto-create initialization`` (WARNING) until the topic
+exists: normal operation, not a fault. A filter on the ``aiokafka.cluster`` logger lowers
+those records to DEBUG (it never drops a record), so they show only where the application
+asked for aiokafka's debug logs. A topic that never appears still fails the connector
+(a producer's send times out, and that error is raised).
+"""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["quiet_auto_create"]
+
+_TRANSIENT = (
+    "Topic %s not found in cluster metadata",
+    "Topic %s is not available during auto-create initialization",
+)
+
+
+class _AutoCreateNoise(logging.Filter):
+    """Lowers aiokafka's auto-create records to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in _TRANSIENT or record.levelno <= logging.DEBUG:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        # the logger let the record through at its original level: decide again at DEBUG
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_filter = _AutoCreateNoise()
+
+
+def quiet_auto_create() -> None:
+    """Install the filter on ``aiokafka.cluster`` (once per process)."""
+    logger = logging.getLogger("aiokafka.cluster")
+    if _filter not in logger.filters:
+        logger.addFilter(_filter)
