@@ -7,11 +7,13 @@ contender alike):
 - trickle: one item at a time (the next one enters when the previous one reached the sink),
   so each item goes through alone: the latency of a hop with nothing queued.
 
-Prints microseconds per item per hop for streamflow (metrics and acks on; its stages as
-`async def` like the other Python chains, and as plain `def` like Bytewax's), a bare
-asyncio.Queue(16) chain, an aiostream pipe.map chain and, when it is installed, Bytewax
-(`pip install bytewax==0.21.*`) at input batches of 1, 100 and 1000, with the ratio to
-asyncio.Queue. Run: .venv/bin/python benchmarks/hop.py [--items N] [--repeats R]
+Prints microseconds per item per hop (the whole chain's time over its 5 hops) for
+streamflow (metrics and acks on; its stages as `async def` like the other Python chains,
+and as plain `def` like Bytewax's), a bare asyncio.Queue(16) chain, an aiostream pipe.map
+chain and, when it is installed, Bytewax (`pip install bytewax==0.21.*`) at input batches
+of 1, 100 and 1000, with the ratio to asyncio.Queue; then what one more map stage costs
+(chains of 4 and 8 maps) and what every item pays once whatever the chain's length.
+Run: .venv/bin/python benchmarks/hop.py [--items N] [--repeats R]
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ class Trickle:
             await self.arrived.wait()
 
 
-async def queue_chain(n: int, trickle: bool) -> int:
-    queues = [asyncio.Queue[int | None](16) for _ in range(HOPS + 1)]
+async def queue_chain(n: int, trickle: bool, hops: int = HOPS) -> int:
+    queues = [asyncio.Queue[int | None](16) for _ in range(hops + 1)]
     total = 0
     pace = Trickle(n)
 
@@ -80,7 +82,7 @@ async def queue_chain(n: int, trickle: bool) -> int:
             total += item
             pace.done()
 
-    await asyncio.gather(source(), *(stage(queues[i], queues[i + 1]) for i in range(HOPS)), sink())
+    await asyncio.gather(source(), *(stage(queues[i], queues[i + 1]) for i in range(hops)), sink())
     return total
 
 
@@ -99,7 +101,7 @@ async def aiostream_chain(n: int, trickle: bool) -> int:
     return total
 
 
-async def streamflow_chain(n: int, trickle: bool, plain: bool = False) -> int:
+async def streamflow_chain(n: int, trickle: bool, plain: bool = False, hops: int = HOPS) -> int:
     total = 0
     pace = Trickle(n)
 
@@ -113,7 +115,7 @@ async def streamflow_chain(n: int, trickle: bool, plain: bool = False) -> int:
 
     flow = sf.Flow("hop")
     s = flow.source("numbers", pace.items() if trickle else sf.iterate(range(n)))
-    for i in range(HOPS):
+    for i in range(hops):
         s = s.map(f"inc{i}", inc_plain if plain else inc, capacity=16)
     s.sink("sum", add if plain else add_async)
     await flow.run()
@@ -187,6 +189,37 @@ async def main() -> None:
     print(table(["chain", "items", "us/item/hop", "x asyncio.Queue"], table_rows))
     if not bytewax:
         print("(bytewax is not installed: pip install 'bytewax==0.21.*' adds its rows)")
+    await marginal(args.items, args.repeats)
+
+
+async def marginal(n: int, repeats: int) -> None:
+    """What one more map stage costs: chains of 4 and 8 maps, queued, in paired rounds;
+    (t8 - t4) / 4 per item. The rows above divide the whole chain's time by its 5 hops, so
+    they also spread what every item pays once (its envelope and ack at the source, its
+    delivery at the sink) over the hops."""
+    chains: dict[str, Callable[[int], Awaitable[int]]] = {
+        "asyncio.Queue(16)": lambda hops: queue_chain(n, False, hops),
+        "streamflow (async def)": lambda hops: streamflow_chain(n, False, False, hops),
+        "streamflow (def)": lambda hops: streamflow_chain(n, False, True, hops),
+    }
+    slopes: dict[str, list[float]] = {name: [] for name in chains}
+    fixed: dict[str, list[float]] = {name: [] for name in chains}
+    for _ in range(repeats):
+        for name, run in chains.items():
+            t = {}
+            for hops in (4, 8):
+                t0 = time.perf_counter()
+                await run(hops)
+                t[hops] = (time.perf_counter() - t0) / n * 1e6
+            slopes[name].append((t[8] - t[4]) / 4)
+            fixed[name].append(t[4] - 4 * (t[8] - t[4]) / 4)
+    print(f"\none more map stage, queued ({n:,} items, chains of 4 and 8 maps, {repeats} rounds):")
+    base = median(slopes["asyncio.Queue(16)"])
+    rows = [
+        (name, median(slopes[name]), median(slopes[name]) / base, median(fixed[name]))
+        for name in chains
+    ]
+    print(table(["chain", "us/item/added hop", "x asyncio.Queue", "us/item fixed"], rows))
 
 
 if __name__ == "__main__":

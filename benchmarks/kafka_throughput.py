@@ -1,7 +1,8 @@
 """Connector throughput: streamflow against hand-written loops with the same guarantees.
 
 1. Kafka -> map(identity) -> Kafka. streamflow, two ways: ``KafkaSource`` -> ``map`` ->
-   ``KafkaSink`` with ``--concurrency`` sends in flight (one task per item), and the
+   ``KafkaSink`` with ``--concurrency`` sends in flight (the sink takes each run of queued
+   items in one ``send_run`` call, no task per item), and the
    recommended ``... -> batch(--batch, 5 ms) -> KafkaSink(batched=True)`` with 4 batches in
    flight. Baseline: an aiokafka loop that polls a batch,
    produces every record, waits for the broker's confirmations, then commits the batch.
