@@ -164,6 +164,7 @@ class _AckSet(_Ack):
     def __init__(self, acks: list[_Ack]) -> None:  # no super() call: one per window
         self.callback = None
         self.counter = None
+        self.live = None
         self.pending = 1
         self.outcome = 0
         self.acks = acks
