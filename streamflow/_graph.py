@@ -103,7 +103,9 @@ class _Node:
             kind=self.kind,
             fn=self.fn,
             label=self.label(),
-            loop=choose_loop(
+            loop="fused"
+            if _fused(self)
+            else choose_loop(
                 self.kind,
                 self.fn,
                 device=self.device,
@@ -122,12 +124,38 @@ class _Node:
             errors=self.errors,
             envelope=self.envelope,
             options=MappingProxyType(
-                {**self.options, "sources": _sources_of(self)}
+                {**self.options, "sources": _sources_of(self), "key": _fused_key(self)}
                 if self.kind == "window"
                 else dict(self.options)
             ),
             keyed=bool(self.inputs) and all(n.keyed for n in self.inputs),
         )
+
+
+def _fused(node: _Node) -> bool:
+    """A ``key_by`` that alone feeds a window stage, with nothing of its own to run (on the
+    loop, one item at a time, failing the flow on error): the window stage calls its key
+    function itself, and the hop between them goes."""
+    if node.kind != "key_by" or len(node.consumers) != 1:
+        return False
+    window = node.consumers[0]
+    return (
+        window.kind == "window"
+        and len(window.inputs) == 1
+        and node.device is None
+        and node.concurrency == 1
+        and node.errors == "fail"
+        and not node.envelope
+        and not is_async(node.fn)
+        and not inspect.isasyncgenfunction(node.fn)
+    )
+
+
+def _fused_key(window: _Node) -> tuple[str, Any] | None:
+    """The fused ``key_by`` before ``window``: its name and key function, or ``None``."""
+    if len(window.inputs) == 1 and _fused(window.inputs[0]):
+        return window.inputs[0].name, window.inputs[0].fn
+    return None
 
 
 def _sources_of(node: _Node) -> tuple[str, ...]:
@@ -615,7 +643,7 @@ class KeyedStream(Stream[T]):
         | tuple[Callable[[], Any], Callable[[Any, T], Any], Callable[[Any, Any], Any]]
         | None = None,
         idle: float = 5.0,
-        capacity: int = 16,
+        capacity: int = 256,
         overflow: Overflow = "block",
         errors: Literal["fail", "skip"] | DeadLetter = "fail",
     ) -> KeyedStream[Window[T]]:
@@ -633,6 +661,9 @@ class KeyedStream(Stream[T]):
         holds its items' acks until it is handled downstream, so a source commits past an
         item only once every window holding it was delivered. ``errors`` applies to an
         item whose ``time`` or ``add`` raised. Emitted in order of window end per key.
+        ``capacity`` is 256 by default: the stage holds its items in windows anyway, and a
+        deep inbox lets it take them in long runs (a ``key_by`` that alone feeds it runs
+        inside it, reading through an inbox of the larger of the two capacities).
         Metrics: ``state["keys"|"windows_open"|"items_held"|"late"]``."""
         if not isinstance(shape, Tumbling | Sliding | Session | Count):
             raise GraphError(

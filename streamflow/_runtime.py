@@ -22,7 +22,7 @@ from ._signals import Interrupted, wait_stopping_on_signals
 from ._source_runner import SourceRunner
 from ._spec import FlowSpec, StageSpec
 from ._stage import Stage
-from ._window_runner import WindowRunner
+from ._window_runner import FusedRunner, WindowRunner
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -301,16 +301,32 @@ class RunningFlow:
 
     def _wire(self, spec: FlowSpec) -> None:
         stages = [s for s in spec.stages if s.kind != "merge"]
+        fused = {  # window stage -> the key_by fused into it
+            s.name: key[0] for s in stages if (key := (s.options or {}).get("key")) is not None
+        }
+        deepest = {key_by: spec[window].capacity for window, key_by in fused.items()}
         for stage in stages:
-            if stage.has_inbox:
+            if stage.has_inbox and stage.name not in fused:  # a fused window reads its key_by's
                 self._inboxes[stage.name] = Channel(
-                    stage.capacity, stage.overflow, on_drop=self._dropper(stage.name)
+                    max(stage.capacity, deepest.get(stage.name, 0)),
+                    stage.overflow,
+                    on_drop=self._dropper(stage.name),
                 )
+        made: dict[str, Runner] = {}
         for stage in stages:
-            inbox = self._inboxes.get(stage.name)
-            runner = self._runner(stage, inbox.receiver() if inbox is not None else None)
-            for reader in stage.outputs:
-                runner.connect(self._inboxes[reader].sender(), reader)
+            if stage.loop == "fused":  # runs inside the window stage it feeds
+                runner: Runner = FusedRunner(self, stage, None)
+            elif stage.name in fused:
+                key_by = made[fused[stage.name]]
+                shared = self._inboxes[key_by.name]
+                runner = WindowRunner(self, stage, shared.receiver(), key_by=key_by)
+            else:
+                inbox = self._inboxes.get(stage.name)
+                runner = self._runner(stage, inbox.receiver() if inbox is not None else None)
+            if stage.loop != "fused":
+                for reader in stage.outputs:
+                    runner.connect(self._inboxes[reader].sender(), reader)
+            made[stage.name] = runner
             self._runners.append(runner)
             if isinstance(runner, SourceRunner):
                 runner.live = self._live

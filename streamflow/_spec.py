@@ -34,6 +34,7 @@ Loop = Literal[
     "batch",
     "unbatch",
     "windows",
+    "fused",
     "junction",
 ]
 LOOPS: Mapping[str, str] = {
@@ -48,6 +49,7 @@ LOOPS: Mapping[str, str] = {
     "batch": "groups items into lists by size and wait",
     "unbatch": "splits lists back into their items",
     "windows": "holds items in windows per key and emits each window when it closes",
+    "fused": "runs inside the stage it alone feeds (a key_by before its window): no hop",
     "junction": "a merge: no task, its inputs feed its readers directly",
 }
 """Every loop strategy, with what it does (the names ``flow.describe()`` shows)."""

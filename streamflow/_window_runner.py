@@ -35,7 +35,7 @@ from ._runners import Runner, Supervisor
 from ._spec import StageSpec
 from ._windows import Count, Session, Tumbling, Window
 
-__all__ = ["LateItem", "WindowRunner"]
+__all__ = ["FusedRunner", "LateItem", "WindowRunner"]
 
 log = get_logger("streamflow")
 _INF = math.inf
@@ -70,11 +70,29 @@ async def _never(value: Any) -> Any:  # a window stage has no retry: nothing to 
     raise AssertionError("unreachable")
 
 
-class WindowRunner(Runner):
-    """Assigns each item to its key's windows and emits the windows that closed."""
+class FusedRunner(Runner):
+    """A ``key_by`` fused into the window stage it alone feeds (loop ``fused``): the window
+    stage reads this stage's inbox and calls its key function; this runner only keeps its
+    counters (items in and out), so its metrics stay where they were."""
 
-    def __init__(self, rt: Supervisor, spec: StageSpec, recv: ReceiveEnd[Message[Any]]):
+    async def run(self) -> None:
+        self.rt.runner_done(self)  # nothing to run; the window stage sets c.stopped at its end
+
+
+class WindowRunner(Runner):
+    """Assigns each item to its key's windows and emits the windows that closed. With
+    ``key_by`` (a :class:`FusedRunner`), it keys each item itself first."""
+
+    def __init__(
+        self,
+        rt: Supervisor,
+        spec: StageSpec,
+        recv: ReceiveEnd[Message[Any]],
+        *,
+        key_by: Runner | None = None,
+    ):
         super().__init__(rt, spec, recv)
+        self.key_by = key_by
         options = spec.options or {}
         self.shape = options["shape"]
         self.time_fn: Callable[[Any], float] | None = options["time"]
@@ -117,6 +135,8 @@ class WindowRunner(Runner):
         loop = asyncio.get_running_loop()
         while await recv.wait(self._deadline(loop.time())):
             run = recv.take_run()
+            if run and self.key_by is not None:
+                run = self._keyed(run)
             if run:
                 self.c.items_in += len(run)
                 await self._take(run, loop.time())
@@ -126,6 +146,25 @@ class WindowRunner(Runner):
         self._close(_INF)  # the end of the stream: every open window
         if self.ready:
             await self._emit_ready()
+        if self.key_by is not None:
+            self.key_by.c.stopped = time.perf_counter()
+
+    def _keyed(self, run: list[Message[Any]]) -> list[Message[Any]]:
+        """The fused ``key_by``: set each item's key (its error fails the flow, as the
+        stage's own ``errors="fail"`` would), counting in its counters."""
+        assert self.key_by is not None
+        c, key = self.key_by.c, self.key_by.spec.fn
+        t0 = time.perf_counter()
+        for msg in run:
+            try:
+                msg.key = key(msg.value)
+            except Exception as exc:
+                raise StageError(
+                    self.key_by.name, msg.value, exc, flow=self.rt.name, meta=msg.meta
+                ) from exc
+        c.record_run(time.perf_counter() - t0, len(run))
+        c.items_out += len(run)
+        return run
 
     async def _emit_ready(self) -> None:
         out, self.ready = self.ready, []

@@ -111,6 +111,32 @@ def test_structural_stages_have_their_own_loops() -> None:
     spec = flow.spec()
     assert (spec["w"].loop, spec["state"].loop) == ("windows", "inline")
     assert spec["w"].keyed and spec["state"].keyed and not spec["key"].keyed
+    alone = sf.Flow("fused")
+    alone.source("k", range(3)).key_by("key", lambda i: i).window("w", sf.Tumbling(1.0)).sink(
+        "o", sf.collect()
+    )
+    assert alone.spec()["key"].loop == "fused"  # a key_by that alone feeds a window: no hop
+    assert "loop=fused" in str(alone.describe())
+
+
+@pytest.mark.asyncio
+async def test_a_fused_key_by_keeps_its_metrics_and_names_itself_when_its_key_fails() -> None:
+    def key(x: int) -> int:
+        if x == 7:
+            raise KeyError("no key for 7")
+        return x % 3
+
+    ok = sf.Flow("fused-ok")
+    ok.source("s", range(6)).key_by("key", lambda x: x % 3).window(
+        "w", sf.Count(2), time=float
+    ).sink("o", sf.collect())
+    await ok.run()
+    m = ok.metrics()["key"]
+    assert (m.items_in, m.items_out) == (6, 6) and ok.metrics()["w"].items_in == 6
+    bad = sf.Flow("fused-bad")
+    bad.source("s", range(10)).key_by("key", key).window("w", sf.Count(2)).sink("o", sf.collect())
+    with pytest.raises(sf.StageError, match="stage 'key'.*no key for 7"):
+        await bad.run()
 
 
 @pytest.mark.asyncio
