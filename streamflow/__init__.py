@@ -12,6 +12,11 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from ._channel import Channel as Channel
 from ._channel import ChannelStatistics as ChannelStatistics
 from ._channel import Overflow as Overflow
+from ._checkpointer import CheckpointStats as CheckpointStats
+from ._checkpoints import CheckpointError as CheckpointError
+from ._checkpoints import CheckpointInfo as CheckpointInfo
+from ._checkpoints import Checkpoints as Checkpoints
+from ._checkpoints import Snapshotting as Snapshotting
 from ._describe import FlowDescription as FlowDescription
 from ._errors import ChannelClosed as ChannelClosed
 from ._errors import ChannelFull as ChannelFull
@@ -92,6 +97,10 @@ __all__ = [
     "ChannelClosed",
     "ChannelFull",
     "ChannelStatistics",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointStats",
+    "Checkpoints",
     "Composite",
     "Count",
     "DeadLetter",
@@ -120,6 +129,7 @@ __all__ = [
     "Session",
     "Sink",
     "Sliding",
+    "Snapshotting",
     "Source",
     "Stage",
     "StageContext",

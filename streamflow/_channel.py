@@ -427,12 +427,14 @@ class ReceiveEnd(Generic[T]):
     the stage is busy, exactly as with one item at a time.
     """
 
-    __slots__ = ("_channel", "_held", "_reserve")
+    __slots__ = ("_channel", "_held", "_reserve", "idle")
 
     def __init__(self, channel: Channel[T]) -> None:
         self._channel = channel
         self._reserve = channel._overflow == "block"
         self._held = 0
+        # parked waiting for input with nothing in hand (what a checkpoint waits for)
+        self.idle = False
 
     @property
     def channel(self) -> Channel[T]:
@@ -480,6 +482,7 @@ class ReceiveEnd(Generic[T]):
                 loop = waiters._loop = asyncio.get_running_loop()
             waiter = loop.create_future()
             waiters._futures.append(waiter)
+            self.idle = True
             try:
                 await waiter
             except BaseException:
@@ -487,6 +490,8 @@ class ReceiveEnd(Generic[T]):
                 if waiter.done() and not waiter.cancelled() and buffer:
                     waiters.wake_one()  # pass the wake-up on
                 raise
+            finally:
+                self.idle = False
         if len(buffer) == 1:
             run = [buffer.popleft()]
         else:
@@ -518,9 +523,10 @@ class ReceiveEnd(Generic[T]):
         else:
             self._channel._taken()
 
-    async def wait(self, deadline: float | None = None) -> bool:
+    async def wait(self, deadline: float | None = None, *, idle: bool = True) -> bool:
         """Until an item is buffered (True), the channel is closed and empty (False), or
-        ``loop.time()`` passes ``deadline`` (True: look again)."""
+        ``loop.time()`` passes ``deadline`` (True: look again). ``idle=False``: the reader
+        still has items in hand while it waits (a checkpoint waits for it)."""
         if self._held:
             self._release()
         ch = self._channel
@@ -530,7 +536,11 @@ class ReceiveEnd(Generic[T]):
             return False
         if deadline is not None and asyncio.get_running_loop().time() >= deadline:
             return True
-        await ch._items.park(deadline, still_wanted=ch._has_items)
+        self.idle = idle
+        try:
+            await ch._items.park(deadline, still_wanted=ch._has_items)
+        finally:
+            self.idle = False
         return bool(ch._buffer) or not ch._closed
 
     async def wait_any(self, futures: Sequence[asyncio.Future[Any]], *, input: bool) -> None:

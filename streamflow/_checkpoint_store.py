@@ -70,6 +70,16 @@ class DirectoryStore:
             message names the stage); nothing is written then.
         """
         encoded = {name: encode_state(state, f"stage {name!r}") for name, state in states.items()}
+        return self.write_encoded(checkpoint, graph, positions, encoded)
+
+    def write_encoded(
+        self,
+        checkpoint: int,
+        graph: dict[str, Any],
+        positions: dict[str, Any],
+        encoded: dict[str, tuple[str, dict[str, Any]]],
+    ) -> tuple[Path, int]:
+        """:meth:`write`, with each stage's state already encoded (``encode_state``)."""
         position_text, position_tensors = encode_state(positions, "the sources' positions")
         if position_tensors:
             raise TypeError("a source position holds a tensor")
@@ -129,12 +139,22 @@ class DirectoryStore:
     def latest(self) -> StoredCheckpoint | None:
         """The newest checkpoint that reads back whole, or ``None``; each newer one that
         does not (torn, corrupt) is skipped with a ``checkpoint.skipped`` warning."""
+        for found in self.candidates(1):
+            return found
+        return None
+
+    def candidates(self, limit: int | None = None) -> list[StoredCheckpoint]:
+        """Up to ``limit`` checkpoints that read back whole, newest first (torn or corrupt
+        ones skipped with a ``checkpoint.skipped`` warning)."""
+        found: list[StoredCheckpoint] = []
         for number, path in self._complete():
+            if limit is not None and len(found) >= limit:
+                break
             try:
-                return _read(number, path)
+                found.append(_read(number, path))
             except (OSError, ValueError, KeyError, CheckpointCorrupt) as exc:
                 log.warning("checkpoint.skipped", path=str(path), error=repr(exc))
-        return None
+        return found
 
 
 def _write(path: Path, data: bytes, files: dict[str, str] | None) -> int:

@@ -19,6 +19,7 @@ from typing import (
 
 from ._calls import is_async
 from ._channel import _OVERFLOWS, Overflow
+from ._checkpoints import Checkpoints
 from ._devices import parse_device
 from ._errors import GraphError
 from ._io import Sink, Source, iterate
@@ -196,12 +197,21 @@ def _fn_name(fn: Any) -> str:
 class Flow:
     """A named graph of stages. Build it with :meth:`source` and the :class:`Stream` methods,
     then ``await flow.run()`` or ``async with flow.start() as running:``.
+
+    ``checkpoints``: a :class:`~streamflow.Checkpoints` to checkpoint what the flow learned
+    together with its sources' positions, and to restore the newest checkpoint on start
+    (see docs/RECOVERY.md). It can also be set later, as the attribute, before a run.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, checkpoints: Checkpoints | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise GraphError(f"a flow needs a non-empty name, got {name!r}")
+        if checkpoints is not None and not isinstance(checkpoints, Checkpoints):
+            raise GraphError(
+                f"flow {name!r}: checkpoints must be an sf.Checkpoints, got {checkpoints!r}"
+            )
         self.name = name
+        self.checkpoints = checkpoints
         self._nodes: dict[str, _Node] = {}
         self._last_metrics: dict[str, StageMetrics] = {}
         self._running = False
@@ -261,7 +271,8 @@ class Flow:
         return self._freeze()
 
     def _freeze(self) -> FlowSpec:
-        return FlowSpec(self.name, tuple(node.spec() for node in self._nodes.values()))
+        stages = tuple(node.spec() for node in self._nodes.values())
+        return FlowSpec(self.name, stages, self.checkpoints)
 
     def start(self) -> RunningFlow:
         """Start the flow; use as ``async with flow.start() as running:``.

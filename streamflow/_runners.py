@@ -20,6 +20,7 @@ import anyio
 
 from ._calls import Invoker, is_async
 from ._channel import ReceiveEnd, SendEnd
+from ._checkpoints import participant_of
 from ._devices import Worker, WorkerPool
 from ._errors import ChannelFull, StageError
 from ._kinds import settle_for
@@ -39,11 +40,24 @@ __all__ = ["BatchRunner", "FunctionRunner", "Runner", "Supervisor", "UnbatchRunn
 _perf = time.perf_counter
 
 
+class CheckpointHooks(Protocol):
+    """What a runner needs from the flow's checkpoint coordinator."""
+
+    final_done: asyncio.Event  # the last checkpoint is taken (or given up)
+
+    async def source_entered(self) -> None: ...
+
+    def source_ended(self) -> None: ...
+
+
 class Supervisor(Protocol):
     """What a runner needs from the running flow."""
 
     name: str
     pool: WorkerPool
+
+    @property
+    def checkpointer(self) -> CheckpointHooks | None: ...
 
     def fail(self, error: StageError) -> None: ...
 
@@ -67,6 +81,29 @@ class Runner:
         self.c = Counters()
         # put(run): send a run at once if it fits (one output only); False: await emit(run)
         self.put: Callable[[list[Message[Any]]], bool] = _refuse
+        self.set_up = asyncio.Event()  # its setup is done (a checkpoint restores it then)
+        self.at_end = False  # done with its input, waiting for the flow's last checkpoint
+        self.finished = False
+
+    def participant(self) -> Any:
+        """What takes part in checkpoints for this stage (see ``Snapshotting``), or None."""
+        return None
+
+    def quiet(self) -> bool:
+        """Whether no item is in this stage's hands or its inbox (a checkpoint waits for a
+        quiet flow)."""
+        if self.finished or self.at_end:
+            return True
+        recv = self.recv
+        return recv is not None and recv.idle and not len(recv.channel)
+
+    async def _wait_last_checkpoint(self) -> None:
+        """A participant whose input ended stays open (its outputs too) until the flow's
+        last checkpoint is taken, so that checkpoint still holds its state and can commit."""
+        checkpointer = self.rt.checkpointer
+        if checkpointer is not None and self.participant() is not None:
+            self.at_end = True
+            await checkpointer.final_done.wait()
 
     def connect(self, send: SendEnd[Message[Any]], reader: str) -> None:
         """Add an output channel, read by the stage named ``reader``."""
@@ -82,6 +119,8 @@ class Runner:
         except Exception as exc:  # a bug or a failing context manager: still name the stage
             self.rt.fail(StageError(self.name, None, exc, flow=self.rt.name, phase="run"))
         finally:
+            self.finished = True
+            self.set_up.set()
             self.close_outputs()
             self.c.stopped = _perf()
             self.rt.runner_done(self)
@@ -163,10 +202,15 @@ class FunctionRunner(Runner):
             rt.name, spec.name, spec.kind, spec.errors, self.invoke, self.c, envelope=spec.envelope
         )
 
+    def participant(self) -> Any:
+        return participant_of(self.spec.fn)
+
     async def _body(self) -> None:
         async with AsyncExitStack() as stack:
             await self._open(stack)
+            self.set_up.set()
             await self.loop(self)
+            await self._wait_last_checkpoint()
 
     async def pass_on(self, ok: list[Message[Any]], results: list[Any], now: float) -> None:
         """Settle the items whose call succeeded (``results``, in order) and send on what
@@ -244,7 +288,7 @@ class BatchRunner(Runner):
                 more = recv.take_up_to(max_size - len(members))
                 if more:
                     members.extend(more)
-                elif clock() >= deadline or not await recv.wait(deadline):
+                elif clock() >= deadline or not await recv.wait(deadline, idle=False):
                     break  # the oldest waited long enough, or the stream ended
             await self._emit_batch(members)
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 
 from ._channel import Channel, ReceiveEnd
+from ._checkpointer import Checkpointer, CheckpointStats
 from ._devices import WorkerPool
 from ._errors import ChannelClosed, StageError
 from ._flowstate import FlowState
@@ -72,12 +73,18 @@ class RunningFlow:
         self._stop_reason = "completed"
         self._state = FlowState.STARTING
         self._live: set[_Ack] = set()  # acks with an on_ack, not fired yet
+        self.checkpointer: Checkpointer | None = None
 
     @property
     def state(self) -> FlowState:
         """Where the flow is: starting, running, draining, stopped or failed (see
         :class:`~streamflow.FlowState`); what a health check reads."""
         return self._state
+
+    @property
+    def checkpoints(self) -> CheckpointStats | None:
+        """What checkpointing did in this run (``None`` without ``checkpoints=``)."""
+        return None if self.checkpointer is None else self.checkpointer.stats
 
     @property
     def error(self) -> StageError | None:
@@ -97,6 +104,8 @@ class RunningFlow:
         self._started_at = time.perf_counter()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        if self.checkpointer is not None:
+            self._tg.start_soon(self.checkpointer.run, name=f"streamflow:{self.name}:checkpoints")
         for runner in self._runners:
             self._tg.start_soon(runner.run, name=f"streamflow:{self.name}:{runner.name}")
         self._state = FlowState.RUNNING
@@ -283,6 +292,10 @@ class RunningFlow:
             self._tg.cancel_scope.cancel()
         self._abort(f"flow {self.name!r} failed: {self._failure}")
 
+    def _checkpoint_failed(self, exc: BaseException) -> None:
+        stage = getattr(exc, "stage", None) or "checkpoints"
+        self.fail(StageError(stage, None, exc, flow=self.name, phase="checkpoint"))
+
     def runner_done(self, runner: Runner) -> None:
         self._pending -= 1
         if not isinstance(runner, SourceRunner):
@@ -332,6 +345,15 @@ class RunningFlow:
                 runner.live = self._live
                 self._sources.append(runner)
         self._by_name = {runner.name: runner for runner in self._runners}
+        if spec.checkpoints is not None:
+            self.checkpointer = Checkpointer(
+                spec.checkpoints,
+                self.name,
+                {s.name: s.kind for s in spec.stages},
+                self._sources,
+                self._runners,
+                self._checkpoint_failed,
+            )
         self._pending = len(self._runners)
         self._pending_workers = len(self._runners) - len(self._sources)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 
+from ._checkpoints import participant_of
 from ._errors import ChannelClosed
 from ._io import _AsyncIter, iterate
 from ._message import Message, _Ack
@@ -33,16 +34,52 @@ class SourceRunner(Runner):
         self._scope: anyio.CancelScope | None = None
         # the flow's acks with an on_ack, not fired yet (aborted if the flow fails)
         self.live: set[_Ack] | None = None
+        # checkpoints: pause between runs; ``held`` while not pulling (paused, not yet
+        # started or ended), so the position the source reports is where it stands
+        self.held = True
+        self._pausing = False
+        self._go = asyncio.Event()
+        self._go.set()
+        self._cancel_safe = False  # a waiting pull may be interrupted to pause
+        self._counted = _Counted()  # an ``iterate`` source's position: items handed out
+
+    def participant(self) -> Any:
+        source = self.spec.fn
+        if isinstance(source, iterate):
+            return self._counted
+        return participant_of(source)
 
     def stop(self) -> None:
         """Stop pulling. An item already pulled is still sent (nothing taken is lost)."""
         self._stopping = True
+        self._go.set()
         if self._scope is not None:
             self._scope.cancel()
+
+    def pause(self) -> None:
+        """Stop pulling after the run in hand is sent, until :meth:`resume`. A pull that
+        waits for the source is interrupted when the source allows it (one that has
+        ``receive_nowait``: nothing is lost); otherwise the pause starts after its item."""
+        self._pausing = True
+        self._go.clear()
+        if self._scope is not None and self._cancel_safe:
+            self._scope.cancel()
+
+    def resume(self) -> None:
+        self._pausing = False
+        self._go.set()
+
+    async def _paused(self) -> None:
+        self.held = True
+        try:
+            await self._go.wait()
+        finally:
+            self.held = False
 
     def _wrap(self, items: list[Any], born: float) -> list[Message[Any]]:
         counter, origin = self.c.outcomes, self.name
         msgs = []
+        self._counted.handed += len(items)
         for item in items:
             if type(item) is Message:
                 msg = item
@@ -71,15 +108,29 @@ class SourceRunner(Runner):
 
     async def _body(self) -> None:
         source = self.spec.fn
+        checkpointer = self.rt.checkpointer
         async with AsyncExitStack() as stack:
             if hasattr(source, "__aenter__"):
                 await stack.enter_async_context(source)
+            if checkpointer is not None:
+                await checkpointer.source_entered()  # restored: its position is set
+            self.held = False
             try:
+                skip = self._counted.handed
                 if isinstance(source, iterate) and isinstance(it := aiter(source), _AsyncIter):
-                    await self._pull_sync(it._it)
+                    await self._pull_sync(_skipped(it._it, skip))
                 else:
-                    await self._pull(aiter(source), getattr(source, "receive_nowait", None))
+                    it = aiter(source)
+                    for _ in range(skip):  # an ``iterate`` source restored: skip what it gave
+                        try:
+                            await it.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    await self._pull(it, getattr(source, "receive_nowait", None))
             finally:
+                self.held = True
+                if checkpointer is not None:
+                    checkpointer.source_ended()
                 self.close_outputs()
             # keep the source open until every item has been handled, so it can commit
             await self.rt.wait_drained()
@@ -87,6 +138,9 @@ class SourceRunner(Runner):
     async def _pull_sync(self, it: Iterator[Any]) -> None:
         emit, since = self.emit, 0
         while not self._stopping:
+            if self._pausing:
+                await self._paused()
+                continue
             items = list(islice(it, self._room()))
             if not items:
                 return
@@ -105,8 +159,12 @@ class SourceRunner(Runner):
         and the sends that fit at once, and a send that has to wait for room happens
         outside it, so an item already pulled is never lost."""
         emit, put, since = self.emit, self.put, 0
+        self._cancel_safe = receive_nowait is not None
         try:
             while not self._stopping:
+                if self._pausing:
+                    await self._paused()
+                    continue
                 if receive_nowait is not None:
                     items, ended = _held(receive_nowait, self._room())
                     if items:
@@ -125,7 +183,7 @@ class SourceRunner(Runner):
                 with anyio.CancelScope() as scope:
                     self._scope = scope
                     try:
-                        while not self._stopping:
+                        while not self._stopping and not self._pausing:
                             msgs = self._wrap([await it.__anext__()], _perf())
                             if not put(msgs):
                                 blocked = msgs
@@ -136,7 +194,7 @@ class SourceRunner(Runner):
                         return
                     finally:
                         self._scope = None
-                if scope.cancelled_caught:
+                if scope.cancelled_caught and self._stopping:
                     return
                 if blocked is not None:
                     await emit(blocked)
@@ -145,6 +203,27 @@ class SourceRunner(Runner):
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
+
+
+class _Counted:
+    """The position of an ``iterate`` source: how many items it handed out. Restoring it
+    skips that many, so it assumes the iterable gives the same items again (a list, a
+    file read the same way)."""
+
+    def __init__(self) -> None:
+        self.handed = 0
+
+    def snapshot(self) -> int:
+        return self.handed
+
+    def restore(self, position: int | None) -> None:
+        self.handed = position or 0
+
+
+def _skipped(it: Iterator[Any], n: int) -> Iterator[Any]:
+    if n:
+        next(islice(it, n, n), None)
+    return it
 
 
 def _held(receive_nowait: Callable[[], Any], limit: int) -> tuple[list[Any], bool]:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from ._calls import is_async
 from ._channel import Overflow
+from ._checkpoints import Checkpoints
 from ._policy import ErrorPolicy
 from ._stage import Stage
 
@@ -91,10 +92,12 @@ class StageSpec:
 
 @dataclass(frozen=True, slots=True)
 class FlowSpec:
-    """A validated flow graph: its name and its stages in the order they were added."""
+    """A validated flow graph: its name, its stages in the order they were added, and how
+    it is checkpointed (``None``: not at all)."""
 
     name: str
     stages: tuple[StageSpec, ...]
+    checkpoints: Checkpoints | None = None
 
     def __getitem__(self, name: str) -> StageSpec:
         for stage in self.stages:

@@ -130,3 +130,13 @@ class StatefulMap(Stage[Message[Any], Any]):
             self.counts["expired"] = state.expired
         self.counts["keys"] = len(state)
         return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every key's state, for a checkpoint (as a list of pairs: keys of any type)."""
+        return {"keys": list(self.state.snapshot().items()), "expired": self.state.expired}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Take back the keys of :meth:`snapshot` (called after setup, before any item)."""
+        self.state.restore(dict(snapshot["keys"]))
+        self.state.expired = snapshot["expired"]
+        self.counts.update(keys=len(self.state), expired=self.state.expired)

@@ -32,23 +32,30 @@ class MemorySource(Generic[T]):
         self.forever = forever
         self.delay = delay
         self.taken = 0
+        self._start = 0
         self.acked: dict[int, Outcome] = {}
         self.ack_calls = 0
 
     def __aiter__(self) -> AsyncIterator[Message[T]]:
         return self._generate()
 
+    def snapshot(self) -> int:
+        """Its position, for a checkpoint: the offset of the next item it hands out."""
+        return self.taken
+
+    def restore(self, position: int | None) -> None:
+        """Start at offset ``position`` (a checkpoint's), as a broker would after a crash."""
+        self.taken = self._start = position or 0
+
     async def _generate(self) -> AsyncIterator[Message[T]]:
-        offset = 0
-        while True:
-            for item in self.items:
-                if self.delay:
-                    await anyio.sleep(self.delay)
-                self.taken += 1
-                yield Message(item, meta={"offset": offset}, on_ack=self._acker(offset))
-                offset += 1
-            if not self.forever:
-                return
+        offset, n = self._start, len(self.items)
+        while n and (self.forever or offset < n):
+            item = self.items[offset % n]
+            if self.delay:
+                await anyio.sleep(self.delay)
+            self.taken += 1
+            yield Message(item, meta={"offset": offset}, on_ack=self._acker(offset))
+            offset += 1
 
     def _acker(self, offset: int) -> Callable[[Outcome], None]:
         def ack(outcome: Outcome) -> None:

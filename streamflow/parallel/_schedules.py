@@ -64,6 +64,15 @@ class Schedule:
         """The run ended and every item was predicted: apply what is left (parts run this
         from the last to the first, each after everything queued on it)."""
 
+    resets: ClassVar[bool] = False
+    """Whether a checkpoint starts the schedule over (:meth:`settle`, then ``begin``)."""
+
+    def settle(self, s: int) -> None:
+        """A checkpoint, with every item predicted (parts run this from the last to the
+        first, each after everything queued on it): apply what complete steps still need,
+        and let go of the activations of a mini-batch in progress (a schedule that
+        ``resets`` has its items forwarded again). The default applies nothing."""
+
     def staleness_bound(self, s: int) -> int:
         """The documented staleness of part ``s`` in steady state (weight versions)."""
         raise NotImplementedError
@@ -204,6 +213,27 @@ class Partime(Schedule):
         self.graphs[s].clear()
         self.cotangents[s].clear()
 
+    resets = True
+
+    def settle(self, s: int) -> None:
+        """Apply the gradients still in flight at part ``s`` (they would have come with
+        the next samples), passing theirs upstream, then start over: at a checkpoint
+        every part has learned from every sample once, a little earlier than it would
+        have."""
+        cotangents, part = self.cotangents[s], self.parts[s]
+        for k in sorted(cotangents):
+            grad, i = cotangents.pop(k)
+            learned = None
+            if grad is not None:
+                learned = self.graphs[s].pop(i)
+                torch.autograd.backward(learned.out, grad.to(learned.out.device))
+                part.release((learned,))
+                part.step(learned.version)
+            if s > 0:
+                up = None if learned is None else learned.x.grad
+                self.hand(s - 1, self.cotangent, s - 1, k + 2, up, i)
+        self.flush(s)
+
     def _pump(self, s: int) -> None:
         queued, cotangents = self.queued[s], self.cotangents[s]
         while queued:
@@ -293,6 +323,18 @@ class NF1B(Schedule):
             self.pending[s][self.steps[s]] = None  # the partial last mini-batch
         for b in sorted(self.pending[s]):
             self._backward(s, b)
+
+    resets = True
+
+    def settle(self, s: int) -> None:
+        """Apply the backwards of the complete mini-batches still in flight, and drop the
+        forwards of the one in progress (its items are forwarded again after the
+        checkpoint): a checkpoint falls on a mini-batch boundary."""
+        for b in sorted(self.pending[s]):
+            self._backward(s, b)
+        self.parts[s].release(self.graphs[s].values())
+        self.graphs[s].clear()
+        self.losses = []
 
     def _pump(self, s: int) -> None:
         if self.busy[s]:

@@ -170,13 +170,15 @@ class OnlineTrainer:
         """Everything the trainer learned, to carry on after a restart: the model's weights
         (CPU copies, keyed like ``model().state_dict()``), each part's optimizer state and
         weight version (updates so far), and the prequential counters behind
-        :meth:`metrics`. Take it while the trainer is not running in a flow (the parts'
-        threads write these)."""
+        :meth:`metrics`: copies, that later training does not change. Take it while the
+        trainer is not running in a flow (the parts' threads write these); in a flow with
+        checkpoints, the checkpoint takes it at a quiet point."""
         weights = {k: v.detach().cpu().clone() for k, v in self._whole.state_dict().items()}
         return {
             "model": weights,
             "optimizers": [
-                None if p.optimizer is None else p.optimizer.state_dict() for p in self.parts
+                None if p.optimizer is None else _cloned(p.optimizer.state_dict())
+                for p in self.parts
             ],
             "versions": [p.version for p in self.parts],
             "metrics": self._tally.snapshot(),
@@ -247,6 +249,10 @@ class _TrainerStage(PartsStage[TrainPart]):
         self.futures: dict[int, asyncio.Future[torch.Tensor]] = {}
         self.failure: TrainingError | None = None
         self.closing = False
+        # sync: the (x, y) of the mini-batch in progress, and how many of the first jobs
+        # are a restored mini-batch learned again (no prediction, no counting)
+        self.batch_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.replayed = 0
 
     async def setup(self, context: StageContext) -> None:
         """Place the parts on the flow's device workers (see ``PartsStage.place``) and
@@ -290,8 +296,68 @@ class _TrainerStage(PartsStage[TrainPart]):
         k = self._started
         self.futures[k] = future
         self.started()
+        if self.schedule.name != "partime":
+            if k % self.schedule.microbatches == 0:
+                self.batch_pairs = []
+            self.batch_pairs.append((x, y))
         self._hand(0, self.schedule.forward, 0, Job(k, x, y, rows))
         return future
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    async def snapshot(self) -> dict[str, Any]:
+        """What the trainer learned, at a checkpoint (the flow is quiet: every prediction
+        is out). Every part first finishes the work queued on it, then:
+
+        - ``sync``: the state is taken in the mini-batch in progress; its items so far are
+          kept (``pending``) and learned again, silently, on restore, so training goes on
+          exactly as without the checkpoint (or the crash);
+        - ``nf1b``: the complete mini-batches in flight are applied and the one in
+          progress is forwarded again from its first item (kept as ``pending`` too): the
+          checkpoint falls on a mini-batch boundary;
+        - ``partime``: the gradients in flight are applied at once, and the pipeline
+          starts over (it fills again: ``2(S-1-s)`` samples without a gradient at part
+          ``s``).
+
+        Every item is learned exactly once in each case."""
+        if self.failure is not None:
+            raise self.failure
+        n, schedule = len(self.parts), self.schedule
+        for s in [*range(n), *reversed(range(n))]:  # forwards, then gradients, drained
+            await self.workers[s].run(_noop)
+        m = schedule.microbatches
+        pending = [] if schedule.name == "partime" or not self._started % m else self.batch_pairs
+        pending = list(pending)
+        if schedule.resets:
+            for s in reversed(range(n)):
+                await self.workers[s].run(_training, schedule.settle, (s,))
+        if self.failure is not None:
+            raise self.failure
+        state = await self.workers[0].run(self.trainer.state_dict)
+        if schedule.resets:
+            schedule.begin(self._hand, self._finish)
+            self._started = self._finished = self.replayed = 0
+            self._replay(pending)
+        return {"trainer": state, "pending": pending}
+
+    async def restore(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's :meth:`snapshot` (after setup, before the first item); the
+        mini-batch in progress is learned again, silently."""
+        await self.workers[0].run(self.trainer.load_state_dict, state["trainer"])
+        self._replay(state["pending"])
+
+    def _replay(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Start ``pairs`` as the first jobs of the run, without predicting or counting
+        them (they were, before the checkpoint)."""
+        self.replayed = self._started + len(pairs)
+        for x, y in pairs:
+            k = self._started
+            self.started()
+            if k % self.schedule.microbatches == 0:
+                self.batch_pairs = []
+            self.batch_pairs.append((x, y))
+            rows = int(x.shape[0]) if x.dim() > 1 else 1
+            self._hand(0, self.schedule.forward, 0, Job(k, x, y, rows))
 
     def _hand(self, s: int, fn: Callable[..., None], *args: Any) -> None:
         if not self.closing:
@@ -299,14 +365,20 @@ class _TrainerStage(PartsStage[TrainPart]):
             self.workers[s].submit(_training, (timed, (part, fn, args)), self.done[s])
 
     def _finish(self, job: Job, out: torch.Tensor) -> torch.Tensor:
-        """On the last part's thread: emit the prediction, then return the loss."""
+        """On the last part's thread: emit the prediction, then return the loss. A job
+        learned again from a checkpoint (``replayed``) was predicted and counted before."""
         pred = out.detach()
-        self.deliver(job.k, pred, None)
+        replay = job.k < self.replayed
+        if replay:
+            self._finished += 1
+        else:
+            self.deliver(job.k, pred, None)
         y = job.y.to(out.device)
         loss = self.trainer.loss_fn(out, y)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError("loss_fn must return a scalar tensor (use a mean reduction)")
-        self.trainer._tally.add(pred, y, loss.detach(), job.rows)
+        if not replay:
+            self.trainer._tally.add(pred, y, loss.detach(), job.rows)
         return loss.reshape(())
 
     def resolve(self, key: Any, result: Any, error: BaseException | None) -> None:
@@ -333,6 +405,21 @@ class _TrainerStage(PartsStage[TrainPart]):
             resolve_future(future, None, failure)
             if not future.cancelled():
                 future.exception()  # the runner awaits only the first: don't log the rest
+
+
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor in it copied (to the CPU) and every container rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cloned(v) for v in value)
+    return value
+
+
+def _noop() -> None:
+    """A job that returns once everything queued on a part's thread before it is done."""
 
 
 def _training(fn: Callable[..., R], args: tuple[Any, ...]) -> R:
