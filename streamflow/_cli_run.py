@@ -10,6 +10,7 @@ import traceback
 from contextlib import AsyncExitStack
 from typing import Any
 
+from ._checkpoints import Checkpoints
 from ._cli_load import TargetError, UsageError, resolve_flow
 from ._errors import GraphError, StageError
 from ._logging import configure_logging
@@ -80,6 +81,26 @@ def add_run(commands: Any) -> None:
         "(loopback unless a host is given)",
     )
     parser.add_argument(
+        "--checkpoints",
+        metavar="DIR",
+        help="checkpoint the flow into DIR and restore the newest checkpoint there on start "
+        "(overrides the flow's own checkpoints=; see docs/RECOVERY.md)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --checkpoints: seconds between checkpoints (default 5)",
+    )
+    parser.add_argument(
+        "--checkpoint-keep",
+        type=int,
+        default=3,
+        metavar="N",
+        help="with --checkpoints: how many checkpoints to keep (default 3)",
+    )
+    parser.add_argument(
         "--live",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -128,6 +149,13 @@ def run_command(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     flow = await resolve_flow(args.target)
+    if args.checkpoints is not None:
+        try:
+            flow.checkpoints = Checkpoints(
+                args.checkpoints, every=args.checkpoint_every, keep=args.checkpoint_keep
+            )
+        except ValueError as exc:
+            raise UsageError(f"--checkpoints: {exc}") from None
     live = sys.stdout.isatty() if args.live is None else args.live
     serve_metrics: Any = None
     live_view: Any = None

@@ -6,6 +6,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from ._checkpoints import participant_of
+from ._io import iterate
 from ._spec import FlowSpec, StageSpec
 
 __all__ = ["FlowDescription", "to_dot"]
@@ -17,7 +19,10 @@ class FlowDescription:
     ``d.dot`` for Graphviz (``dot -Tsvg``; pipelines and trainers drawn with their parts).
 
     Each stage's line names its loop strategy (``loop=inline``, ``loop=worker``, ...; see
-    :data:`streamflow.LOOPS`), so you can see which path a stage takes.
+    :data:`streamflow.LOOPS`), so you can see which path a stage takes. With checkpoints,
+    each source says whether its position is checkpointed (``position=checkpointed``) or
+    it cannot seek (``position=none``: after a crash it goes on from what its broker
+    still has), and each stage that keeps state says ``state=checkpointed``.
     """
 
     text: str
@@ -31,6 +36,8 @@ class FlowDescription:
 def describe(spec: FlowSpec) -> FlowDescription:
     stages = spec.stages
     lines = [f"flow {spec.name!r}"]
+    if spec.checkpoints is not None:
+        lines[0] += f" {spec.checkpoints!r}"
     width = max((len(s.name) for s in stages), default=0)
     for stage in stages:
         details: list[str] = [stage.kind]
@@ -54,6 +61,8 @@ def describe(spec: FlowSpec) -> FlowDescription:
             )
         if stage.kind != "merge":
             details.append(f"loop={stage.loop}")
+        if spec.checkpoints is not None:
+            details.extend(_checkpointed(stage))
         out = ", ".join(stage.consumers) or "-"
         lines.append(f"  {stage.name:<{width}}  {' '.join(details)}  -> {out}")
 
@@ -74,6 +83,15 @@ def describe(spec: FlowSpec) -> FlowDescription:
         for consumer in stage.consumers
     )
     return FlowDescription("\n".join(lines), "\n".join(chart), to_dot(spec))
+
+
+def _checkpointed(stage: StageSpec) -> list[str]:
+    if stage.kind == "source":
+        seeks = isinstance(stage.fn, iterate) or participant_of(stage.fn) is not None
+        return ["position=checkpointed" if seeks else "position=none"]
+    if stage.kind == "window" or participant_of(stage.fn) is not None:
+        return ["state=checkpointed"]
+    return []
 
 
 _DOT_SHAPES = {"source": "invhouse", "sink": "house", "merge": "circle"}

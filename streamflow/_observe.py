@@ -12,6 +12,7 @@ from ._io import iterate
 from ._metrics import StageMetrics
 
 if TYPE_CHECKING:
+    from ._checkpointer import CheckpointStats
     from ._runtime import RunningFlow
     from .parallel import TrainerMetrics
 
@@ -32,6 +33,7 @@ class FlowSnapshot:
     trainers: dict[str, TrainerMetrics]
     state: str | None
     error: str | None
+    checkpoints: CheckpointStats | None = None
 
 
 def snapshot(running: RunningFlow) -> FlowSnapshot:
@@ -60,6 +62,7 @@ def snapshot(running: RunningFlow) -> FlowSnapshot:
         trainers=trainers,
         state=None if state is None else str(getattr(state, "value", state)),
         error=None if error is None else str(error),
+        checkpoints=getattr(running, "checkpoints", None),
     )
 
 

@@ -170,8 +170,40 @@ def _families(snaps: list[FlowSnapshot]) -> Iterator[Metric]:
         "Optimizer steps per part of the trainer.",
         labels=["flow", "stage", "part"],
     )
+    flow_labels = ["flow"]
+    taken = CounterMetricFamily(
+        "streamflow_checkpoints", "Checkpoints written in this run.", labels=flow_labels
+    )
+    skipped = CounterMetricFamily(
+        "streamflow_checkpoints_skipped",
+        "Checkpoints given up: the flow was not quiet within the timeout.",
+        labels=flow_labels,
+    )
+    size = GaugeMetricFamily(
+        "streamflow_checkpoint_bytes", "Size of the newest checkpoint.", labels=flow_labels
+    )
+    pause = GaugeMetricFamily(
+        "streamflow_checkpoint_pause_seconds",
+        "How long the sources were paused for the newest checkpoint.",
+        labels=flow_labels,
+    )
+    write = GaugeMetricFamily(
+        "streamflow_checkpoint_write_seconds",
+        "How long writing the newest checkpoint took (on a worker thread).",
+        labels=flow_labels,
+    )
     for snap in snaps:
         flow = snap.flow
+        ck = snap.checkpoints
+        if ck is not None:
+            taken.add_metric([flow], ck.taken)
+            skipped.add_metric([flow], ck.skipped)
+            if ck.last is not None:
+                size.add_metric([flow], ck.last_bytes)
+            if ck.pauses_s:
+                pause.add_metric([flow], ck.pauses_s[-1])
+            if ck.writes_s:
+                write.add_metric([flow], ck.writes_s[-1])
         if snap.state is not None:
             for name in _STATES:
                 state.add_metric([flow, name], 1.0 if snap.state == name else 0.0)
@@ -207,6 +239,7 @@ def _families(snaps: list[FlowSnapshot]) -> Iterator[Metric]:
                 updates.add_metric([flow, name, str(part)], steps)
     families: list[Metric] = [state, info, *counters.values(), depth, capacity, busy]
     families += [latency, e2e, acks, total, held, *trainer.values(), samples, updates]
+    families += [taken, skipped, size, pause, write]
     yield from (family for family in families if family.samples)
 
 

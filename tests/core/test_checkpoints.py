@@ -333,3 +333,21 @@ async def test_checkpoints_are_written_off_the_loop_and_their_manifest_names_the
         "src": "source", "by_k": "key_by", "sum": "map", "out": "sink",
     }  # fmt: skip
     assert set(manifest["stages"]) == {"sum"}
+
+
+def test_describe_says_what_is_checkpointed_and_which_source_cannot_seek(tmp_path: Path) -> None:
+    async def numbers() -> Any:  # a plain async generator cannot seek
+        yield 1
+
+    flow = sf.Flow("shown", checkpoints=sf.Checkpoints(tmp_path, every=2.0))
+    a = flow.source("a", MemorySource([1]))
+    b = flow.source("b", numbers())
+    sf.merge("both", a, b).key_by("k", lambda x: x).stateful_map("s", _sum_by_key).sink(
+        "out", sf.collect([])
+    )
+    text = str(flow.describe())
+    lines = {line.split()[0]: line for line in text.splitlines()[1:]}
+    assert "Checkpoints(" in text.splitlines()[0] and "every=2.0" in text.splitlines()[0]
+    assert "position=checkpointed" in lines["a"]
+    assert "position=none" in lines["b"]
+    assert "state=checkpointed" in lines["s"] and "state=" not in lines["out"]

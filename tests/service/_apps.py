@@ -86,6 +86,16 @@ unfinished.source("numbers", range(3)).map("dangling", lambda x: x)
 number = 3
 
 
+def add(total, x):
+    return (total or 0) + x, (total or 0) + x
+
+
+totals = sf.Flow("totals")
+totals.source("numbers", range(5)).key_by("all", lambda x: 0).stateful_map("sum", add).sink(
+    "out", print
+)
+
+
 def model():
     import torch
 

@@ -28,6 +28,24 @@ def test_run_a_flow_whose_sources_end_exits_0(app: App) -> None:
     assert "flow.start" in done.stderr and "flow.stop" in done.stderr
 
 
+def test_run_with_checkpoints_resumes_where_the_last_run_ended(app: App) -> None:
+    where = app.path / "ckpt"
+    options = ("--no-live", "--checkpoints", str(where), "--checkpoint-every", "0.5")
+    done = app.cli("run", "svcapp:totals", *options)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "1", "3", "6", "10"]
+    assert "checkpoint.taken" in done.stderr
+    assert sorted(p.name for p in where.iterdir()) == ["ckpt-00000000", "ckpt-00000001"]
+
+    again = app.cli("run", "svcapp:totals", *options)  # the position is at the end already
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == []
+    assert "checkpoint.restored" in again.stderr
+
+    bad = app.cli("run", "svcapp:totals", "--checkpoints", str(where), "--checkpoint-every", "0")
+    assert bad.returncode == 2 and "--checkpoints: every must be" in bad.stderr
+
+
 def test_run_an_async_factory_with_json_logs(app: App) -> None:
     done = app.cli("run", "svcapp:make_async", "--log-format", "json")
     assert done.returncode == 0, done.stderr

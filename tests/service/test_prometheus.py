@@ -207,3 +207,24 @@ async def test_keyed_stages_report_what_they_hold() -> None:
         for w in ("keys", "windows_open", "items_held", "late")
     }
     assert held == {"keys": 1, "windows_open": 1, "items_held": 1, "late": 1}
+
+
+async def test_checkpoints_report_count_size_pause_and_write_time(tmp_path: Any) -> None:
+    source: sf.Channel[int] = sf.Channel(16)
+    flow = sf.Flow("ckpt", checkpoints=sf.Checkpoints(tmp_path, every=0.02))
+    flow.source("numbers", source).key_by("by", lambda x: x % 3).stateful_map(
+        "sum", lambda s, x: ((s or 0) + x, x)
+    ).sink("out", MemorySink[Any]())
+    async with flow.start() as running:
+        for i in range(20):
+            await source.send(i)
+        await asyncio.sleep(0.1)
+        async with sf.serve_metrics(running) as server:
+            samples = await scrape(server.url)
+        source.close()
+        await running.wait()
+    assert value(samples, "streamflow_checkpoints_total", flow="ckpt") >= 2
+    assert value(samples, "streamflow_checkpoints_skipped_total", flow="ckpt") == 0
+    assert value(samples, "streamflow_checkpoint_bytes", flow="ckpt") > 0
+    assert 0 < value(samples, "streamflow_checkpoint_pause_seconds", flow="ckpt") < 1
+    assert 0 < value(samples, "streamflow_checkpoint_write_seconds", flow="ckpt") < 1
