@@ -1,7 +1,9 @@
 """File sources and sinks: plain lines, JSON Lines, CSV, and tensor files.
 
 Line sources follow a growing file like ``tail -F`` (log rotation too) and resume from a
-saved position; line sinks append whole records only; tensor files (``.npy``,
+saved position; line sinks append whole records only. With a flow's checkpoints, line
+sources resume at the checkpoint's position and line sinks are cut back to their
+checkpointed length (exactly once); tensor files (``.npy``,
 ``.safetensors``, needing the ``[files]`` extra) are written with write-then-rename. Dead
 letters go to :class:`DeadLetterFile`. See docs/CONNECTORS.md.
 """

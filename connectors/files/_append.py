@@ -17,6 +17,7 @@ import streamflow as sf
 from streamflow._logging import get_logger
 
 from .._deadletter import dead_letter_entry
+from .._errors import ConnectorError
 from .._record import Record
 from ..codecs import JSON, TEXT, Codec, CsvCodec
 
@@ -36,6 +37,12 @@ class LinesSink:
     half-written line, and on opening, the sink cuts off a torn last line left by an earlier
     crash (logged as ``connector.repaired_tail``), so the file only ever holds whole records.
     One writer per file.
+
+    With checkpoints: truncated to its checkpointed length on restore (what was written
+    after the checkpoint is written again by the replay): exactly once. :meth:`snapshot`
+    is the file's length (flushed, and with ``fsync=True`` synced); :meth:`restore` cuts
+    the file back to it, and fails with :class:`~streamflow.connectors.ConnectorError`
+    naming the file when it is shorter (something else truncated it).
     """
 
     def __init__(
@@ -98,9 +105,57 @@ class LinesSink:
             await anyio.to_thread.run_sync(os.fsync, self._fd)
         self.written += 1
 
+    # -- checkpoints ---------------------------------------------------------------------
+
+    async def snapshot(self) -> dict[str, Any]:
+        """``{"length": bytes}``: the file's length, every line before it written (each
+        ``send`` writes its line whole before it returns), and with ``fsync=True`` synced
+        to disk."""
+        if self._fd is None:
+            await anyio.to_thread.run_sync(self._open)
+        fd = self._fd
+        assert fd is not None
+        if self.fsync:
+            await anyio.to_thread.run_sync(os.fsync, fd)
+        return {"length": os.fstat(fd).st_size}
+
+    async def restore(self, state: dict[str, Any]) -> None:
+        """Cut the file back to ``state["length"]`` (what :meth:`snapshot` returned).
+
+        :raises ConnectorError: the file is shorter than that (something else truncated or
+            replaced it), naming the file."""
+        try:
+            length = int(state["length"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"{self.name}: not a file sink state: {state!r}") from exc
+        await anyio.to_thread.run_sync(self._truncate, length)
+
+    def _truncate(self, length: int) -> None:
+        self._open()
+        fd = self._fd
+        assert fd is not None
+        size = os.fstat(fd).st_size
+        if size < length:
+            raise ConnectorError(
+                f"{self.path}: the file holds {size} bytes, fewer than the {length} it had at "
+                "the checkpoint being restored: something else truncated or replaced it"
+            )
+        if size > length:
+            os.ftruncate(fd, length)
+            log.info(
+                "connector.truncated",
+                sink=self.name,
+                removed_bytes=size - length,
+                size=length,
+            )
+        self._start(fd)  # an empty file gets its header again (CsvSink)
+        if self.fsync:
+            os.fsync(fd)
+
 
 class JsonLinesSink(LinesSink):
-    """JSON Lines: each item as compact JSON on its own line (see :class:`LinesSink`)."""
+    """JSON Lines: each item as compact JSON on its own line (see :class:`LinesSink`). With
+    checkpoints: truncated to its checkpointed length on restore: exactly once."""
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
         super().__init__(path, codec=JSON, fsync=fsync)
@@ -108,7 +163,9 @@ class JsonLinesSink(LinesSink):
 
 class CsvSink(LinesSink):
     """CSV: each item (a mapping or a sequence in field order) as one record; the header is
-    written when the file is empty. Fields may contain newlines (quoted, as CSV allows)."""
+    written when the file is empty. Fields may contain newlines (quoted, as CSV allows).
+    With checkpoints: truncated to its checkpointed length on restore, header kept once:
+    exactly once (see :class:`LinesSink`)."""
 
     def __init__(
         self,
@@ -135,7 +192,8 @@ class DeadLetterFile(LinesSink):
     """A dead-letter sink for ``sf.DeadLetter(...)``: one JSON line per failed item with
     ``time``, ``flow``, ``stage``, ``source``, ``position``, ``reason``, ``attempts``, the raw
     bytes as ``raw_b64`` (``null`` for a tombstone) and, when they are UTF-8, as
-    ``raw_text``. Same append guarantee as :class:`LinesSink`."""
+    ``raw_text``. Same append guarantee as :class:`LinesSink`, and the same checkpoint
+    behaviour when the flow takes part with it (cut back to the checkpointed length)."""
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
         super().__init__(path, codec=JSON, fsync=fsync)

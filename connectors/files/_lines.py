@@ -54,6 +54,11 @@ class LinesSource:
     rotated meanwhile), the new file is read from its start, and what the old one held after
     the position is not read again (``connector.file_rotated``, logged with the position).
 
+    With checkpoints (the flow calls :meth:`restore`): the source resumes right after the
+    last line it handed out before the checkpoint (:meth:`snapshot`), so together with the
+    flow's restored state each line counts once; ``checkpoint=`` is still read when there
+    is no checkpoint yet, but no longer written (the flow's checkpoints hold the position).
+
     Untrusted input is bounded: a line longer than ``max_line`` bytes becomes a record with
     ``error`` set (its first 64 bytes as ``raw``, its line number and offset as ``position``)
     and is skipped up to its newline without being held in memory, so it meets the decode
@@ -101,6 +106,13 @@ class LinesSource:
         self._committed = FilePosition()
         self._released: tuple[int, int, int] | None = None  # newer than _committed
         self._entered = False
+        # checkpoints: restore() was called; the position file is no longer written
+        self._checkpointed = False
+        # after the last record handed out: (offset, line, inode, skipping), where skipping
+        # says the record was an overlong line whose end was not read yet (resuming at its
+        # start skips it); None: nothing handed out yet, the committed position
+        self._handed: tuple[int, int, int, bool] | None = None
+        self._skip_at: FilePosition | None = None  # restored inside an overlong line
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, follow={self.follow})"
@@ -148,8 +160,51 @@ class LinesSource:
         self._save(force=True)
 
     def _save(self, *, force: bool = False) -> None:
-        if self._checkpoint is not None:
+        if self._checkpoint is not None and not self._checkpointed:
             self._checkpoint.save(Checkpoint.of_position(self.path, self.position), force=force)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The source's position: ``{"path", "offset", "line", "inode"}`` (as a
+        ``checkpoint=`` file holds) of the line after the last one handed to the flow, and
+        ``"skipping": True`` when that last one was an overlong line still being skipped."""
+        handed = self._handed
+        if handed is None:
+            return Checkpoint.of_position(self.path, self.position)
+        offset, line, inode, skipping = handed
+        state = Checkpoint.of_position(self.path, FilePosition(offset, line, inode))
+        if skipping:
+            state["skipping"] = True
+        return state
+
+    def restore(self, position: dict[str, Any] | None) -> None:
+        """Enter checkpoint mode, at ``position`` (what :meth:`snapshot` returned; ``None``:
+        no checkpoint yet, start as without checkpoints). Called after ``__aenter__``,
+        before the first item. From here on the ``checkpoint=`` file is not written."""
+        if not self._entered:
+            raise RuntimeError(f"{self!r}: restore() is called after __aenter__")
+        self._checkpointed = True
+        if position is None:
+            return
+        try:
+            start = FilePosition.of_state(position)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"{self!r}: not a file position: {position!r}") from exc
+        if position.get("path") not in (None, str(self.path)):
+            log.warning(
+                "connector.restore_other_path",
+                source=self.name,
+                checkpoint_path=position.get("path"),
+            )
+        if self._file is not None:  # read from the restored position instead
+            self._file.close()
+            self._file = None
+        self._done = InOrder()
+        self._commit(start)
+        self._handed = None
+        self._skip_at = start if position.get("skipping") else None
+        log.info("connector.resume", source=self.name, offset=start.offset, line=start.line)
 
     async def _open(self, start: FilePosition | None = None) -> BinaryIO | None:
         """Open ``path`` (waiting for it in follow mode) at ``start``, by default the
@@ -197,7 +252,8 @@ class LinesSource:
         elif start.offset < first.offset:
             start = first
         f.seek(start.offset)
-        self._split.reset(start.offset, start.line)
+        skip, self._skip_at = self._skip_at == start, None
+        self._split.reset(start.offset, start.line, skipping=skip)
 
     async def _first_record(self, f: BinaryIO) -> FilePosition:
         """Where the records of ``f`` begin (a subclass may read a header there)."""
@@ -292,7 +348,10 @@ class LinesSource:
             raw, self.name, {"line": line, "offset": offset}, codec=self.codec, error=error
         )
         self._seq = seq = self._seq + 1  # not the line number: lines start again after rotation
-        self._done.track(seq, (after_offset, after_line, self._inode))
+        inode = self._inode
+        self._done.track(seq, (after_offset, after_line, inode))
+        # an overlong line whose end is not read yet resumes before it: skipping it
+        self._handed = (after_offset, after_line, inode, after_offset == offset)
         meta = {"source": self.name, "line": line, "offset": offset}
         return sf.Message(record, meta=meta, on_ack=partial(self._ack, seq))
 

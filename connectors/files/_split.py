@@ -127,13 +127,15 @@ class Splitter:
         self._buf = bytearray()
         self.reset(offset, line)
 
-    def reset(self, offset: int = 0, line: int = 0) -> None:
-        """Forget what was fed: the next byte fed is at ``offset``, after ``line`` lines."""
+    def reset(self, offset: int = 0, line: int = 0, *, skipping: bool = False) -> None:
+        """Forget what was fed: the next byte fed is at ``offset``, after ``line`` lines
+        (``skipping``: inside an overlong line already reported, dropped up to its
+        newline)."""
         self._buf.clear()
         self._pos = 0  # where the next record starts in _buf
         self._offset = offset  # the stream offset of _buf[_pos]
         self._line = line  # lines before _buf[_pos]
-        self._skipping = False  # inside an overlong line: drop up to its newline
+        self._skipping = skipping  # inside an overlong line: drop up to its newline
         self._doom = -1  # index in _buf up to which the last cut's window goes (-1: none)
         self._doom_reason = ""
         self._rewind()

@@ -2,7 +2,9 @@
 
 - :class:`KafkaSource`: a consumer-group member; at least once, commits only what the flow
   finished, bounded memory with pause/resume.
-- :class:`KafkaSink`: acks=all and idempotence; an item is acked after the broker confirmed.
+- :class:`KafkaSink`: acks=all and idempotence; an item is acked after the broker confirmed;
+  ``transactional=True``: one Kafka transaction per checkpoint (exactly once for
+  ``read_committed`` consumers), failing with :class:`TransactionFailed` when fenced.
 - :class:`DeadLetterTopic`: a dead-letter sink keeping the raw bytes and the reason.
 - :class:`Security`: TLS / SASL settings.
 
@@ -13,6 +15,7 @@ from ._security import Security as Security
 from ._sink import DeadLetterTopic as DeadLetterTopic
 from ._sink import KafkaMessage as KafkaMessage
 from ._sink import KafkaSink as KafkaSink
+from ._sink import TransactionFailed as TransactionFailed
 from ._source import KafkaSource as KafkaSource
 from ._source import KafkaSourceStats as KafkaSourceStats
 
@@ -23,4 +26,5 @@ __all__ = [
     "KafkaSource",
     "KafkaSourceStats",
     "Security",
+    "TransactionFailed",
 ]

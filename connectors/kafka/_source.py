@@ -1,4 +1,5 @@
-"""KafkaSource: a consumer-group member that commits only what the flow has finished."""
+"""KafkaSource: a consumer-group member that commits only what the flow has finished, or,
+with checkpoints, only the offsets of checkpoints."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -23,11 +24,15 @@ from streamflow._logging import get_logger
 from .._background import Background
 from .._backoff import Backoff
 from .._buffered import BufferedSource
+from .._errors import BrokerUnavailable
 from .._inorder import InOrder
 from .._record import Record
 from ..codecs import BYTES, Codec
 from ._security import Security
 from ._start import start_client
+
+if TYPE_CHECKING:
+    from streamflow._checkpoints import CheckpointInfo
 
 __all__ = ["KafkaSource", "KafkaSourceStats"]
 
@@ -48,7 +53,7 @@ class KafkaSourceStats:
     acked: int = 0
     """Records the flow finished (any outcome but ``ABORTED``)."""
     commits: int = 0
-    """Successful offset commits."""
+    """Successful offset commits (with checkpoints: of checkpoints' offsets)."""
     pauses: int = 0
     """Times the partitions were paused because ``max_pending`` records were pending."""
     peak_pending: int = 0
@@ -58,7 +63,8 @@ class KafkaSourceStats:
     revocations: int = 0
     """Partition revocations handled."""
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
-    """The last committed offset per ``(topic, partition)``: every record below it is done."""
+    """The last committed offset per ``(topic, partition)``: every record below it is done
+    (with checkpoints: is in a durable checkpoint)."""
 
 
 class _Partition:
@@ -95,7 +101,15 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
     Outages: aiokafka reconnects by itself; a broker that stays unreachable (no fetch, commit
     or metadata probe succeeds) for ``reconnect_timeout`` seconds fails the flow with
     :class:`~streamflow.connectors.BrokerUnavailable`. ``security`` passes TLS/SASL settings; any other
-    ``AIOKafkaConsumer`` option goes in ``**consumer_options``. Single use: one flow run.
+    ``AIOKafkaConsumer`` option goes in ``**consumer_options`` (e.g.
+    ``isolation_level="read_committed"`` to read only committed transactions, as a flow
+    reading a transactional :class:`KafkaSink`'s topic should). Single use: one flow run.
+
+    With checkpoints (the flow calls :meth:`restore`): KafkaSource resumes at the checkpoint's
+    offsets and commits only checkpoints' offsets (in :meth:`commit`, once a checkpoint is
+    durable; never on acks, revokes or exit), so the group's committed offsets always
+    match a checkpoint. With a transactional :class:`KafkaSink` the offsets are committed in
+    its transaction instead, and :meth:`is_committed` tells which checkpoint made it.
     """
 
     def __init__(
@@ -149,6 +163,12 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         self._background = Background(self._what(), self._fail)
         self._last_contact = 0.0
         self._health = Backoff(self._what(), give_up_after=reconnect_timeout)
+        # checkpoints: restore() was called; from then on commits happen only in commit()
+        self._checkpointed = False
+        self._closed = False  # __aexit__ stopped the consumer
+        # per partition, the offset after the last record handed to the flow (and the
+        # restored offsets of partitions not read again yet): the source's position
+        self._offsets: dict[TopicPartition, int] = {}
 
     def _what(self) -> str:
         return f"kafka source {self.name} (group {self.group_id!r}, {self.bootstrap_servers})"
@@ -186,16 +206,19 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Stop polling, commit what the flow finished, leave the group, close."""
+        """Stop polling, commit what the flow finished (not with checkpoints: the last
+        checkpoint's :meth:`commit` did), leave the group, close."""
         consumer = self._consumer
         if consumer is None:
             return
         await self._background.stop()
         with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.close_timeout):
-                await self._commit(list(self._parts.values()), final=True)
+            if not self._checkpointed:
+                with anyio.move_on_after(self.close_timeout):
+                    await self._commit(list(self._parts.values()), final=True)
             with anyio.move_on_after(self.close_timeout):
                 await consumer.stop()
+        self._closed = True
         self._buffer.clear()
         log.info("connector.stop", connector=self._what(), committed=self.stats.committed)
 
@@ -208,6 +231,7 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         part, rec = self._buffer.popleft()
         self.stats.yielded += 1
         topic, partition, offset = rec.topic, rec.partition, rec.offset
+        self._offsets[part.tp] = offset + 1
         record = Record(
             rec.value,  # None for a tombstone
             self.name,
@@ -235,6 +259,131 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
             if self._pending <= self._room_at:
                 self._room.set()
         self._acked.set()
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The source's position: ``{"group": group_id, "offsets": {"topic:partition":
+        offset}}``, per partition the offset of the record after the last one handed to
+        the flow (a partition restored and not read again keeps its restored offset)."""
+        return {"group": self.group_id, "offsets": _offsets_state(self._offsets)}
+
+    def restore(self, position: Mapping[str, Any] | None) -> None:
+        """Enter checkpoint mode, at ``position`` (what :meth:`snapshot` returned; ``None``:
+        no checkpoint yet, start at the group's committed offsets). Called after
+        ``__aenter__``, before the first item.
+
+        From here on the source commits only in :meth:`commit` (no commits on acks,
+        revokes or exit), and every partition of ``position`` is read from its offset:
+        when it is assigned, or at once if it is assigned already (records fetched before
+        are dropped)."""
+        if self._consumer is None:
+            raise RuntimeError(f"{self!r}: restore() is called after __aenter__")
+        if position is not None and not isinstance(position, Mapping):
+            raise ValueError(f"{self!r}: not a Kafka position: {position!r}")
+        offsets = {} if position is None else _parse_offsets(position.get("offsets") or {})
+        self._checkpointed = True
+        if position is None:
+            log.info("connector.checkpoints", connector=self.name, position=None)
+            return
+        group = position.get("group")
+        if group is not None and group != self.group_id:
+            log.warning(
+                "connector.restore_other_group",
+                connector=self.name,
+                group=self.group_id,
+                checkpoint_group=group,
+            )
+        self._offsets.update(offsets)
+        log.info("connector.resume", connector=self.name, offsets=_show(offsets))
+        assigned = self._consumer.assignment() & offsets.keys()
+        if assigned:
+            self._seek(assigned)
+
+    async def commit(self, info: CheckpointInfo) -> None:
+        """Commit the offsets of a durable checkpoint (``info.state``, this source's
+        snapshot in it) to the group: those of the partitions assigned to this member (or,
+        once the source has closed, all of them, through a short-lived client, which the
+        broker accepts while the group has no member). A failed commit is logged
+        (``connector.commit_failed``); the next checkpoint's commit carries it."""
+        if not isinstance(info.state, Mapping):
+            return
+        offsets = {
+            tp: offset
+            for tp, offset in _parse_offsets(info.state.get("offsets") or {}).items()
+            if self.stats.committed.get((tp.topic, tp.partition)) != offset
+        }
+        if not offsets:
+            return
+        consumer = self._consumer
+        if consumer is not None and not self._closed:
+            assigned = consumer.assignment()  # aiokafka commits assigned partitions only
+            mine = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+            await self._commit_offsets(mine, retry=True, check_health=False)
+            return
+        async with self._group_client() as client:
+            client.assign(list(offsets))
+            await self._commit_offsets(offsets, retry=True, check_health=False, client=client)
+
+    async def is_committed(self, position: Mapping[str, Any] | None) -> bool:
+        """Whether the group's committed offsets are those of ``position`` (every partition
+        it names; no partition, or no position: ``True``). Asks the broker (a started
+        source's consumer, or a short-lived one).
+
+        :raises BrokerUnavailable: no answer within ``reconnect_timeout`` seconds."""
+        offsets = _parse_offsets((position or {}).get("offsets") or {})
+        if not offsets:
+            return True
+        try:
+            async with asyncio.timeout(self.reconnect_timeout), self._group_client() as client:
+                committed = {tp: await client.committed(tp) for tp in offsets}
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"{self._what()}: no committed offsets within {self.reconnect_timeout} s"
+            ) from None
+        return all(committed[tp] == offset for tp, offset in offsets.items())
+
+    @contextlib.asynccontextmanager
+    async def _group_client(self) -> AsyncIterator[AIOKafkaConsumer]:
+        """The running consumer, or (not started, or closed) a short-lived one in the group
+        that subscribes to nothing."""
+        consumer = self._consumer
+        if consumer is not None and not self._closed:
+            yield consumer
+            return
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "group_id": self.group_id,
+            "enable_auto_commit": False,
+            **(self.security.client_kwargs() if self.security else {}),
+            **self.consumer_options,
+        }
+        client = await start_client(
+            lambda: AIOKafkaConsumer(**kwargs), self._what(), self.reconnect_timeout, kwargs
+        )
+        try:
+            yield client
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
+                await client.stop()
+
+    def _seek(self, tps: set[TopicPartition]) -> None:
+        """Read each of ``tps`` (assigned) from its offset in the position: the records of
+        it fetched so far are dropped, pending or not."""
+        consumer = self._consumer
+        assert consumer is not None
+        if any(part.tp in tps for part, _ in self._buffer):  # in place: see _on_revoked
+            kept = [item for item in self._buffer if item[0].tp not in tps]
+            self._buffer.clear()
+            self._buffer.extend(kept)
+        for tp in tps:
+            old = self._parts.get(tp)
+            if old is not None and old.tracker:
+                old.active = False  # its late acks no longer count
+                self._pending -= len(old.tracker)
+                self._parts[tp] = _Partition(tp)
+            consumer.seek(tp, self._offsets[tp])
+        self._room.set()
 
     # -- background ----------------------------------------------------------------------
 
@@ -295,7 +444,13 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         self._health.reset()
         buffer, parts = self._buffer, self._parts
         n = 0
+        floors = self._offsets if self._checkpointed else None
         for tp, records in batches.items():
+            if floors is not None:
+                # never a record before the position (fetched before a seek, say)
+                floor = floors.get(tp)
+                if floor is not None and records and records[0].offset < floor:
+                    records = [rec for rec in records if rec.offset >= floor]
             part = parts.get(tp)
             if part is None:
                 part = parts[tp] = _Partition(tp)
@@ -335,18 +490,33 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         self._health.reset()
 
     async def _commit_loop(self) -> None:
-        while True:
+        while not self._checkpointed:
             await asyncio.sleep(self.commit_interval)
+            if self._checkpointed:
+                return  # checkpoints commit from now on
             await self._commit(list(self._parts.values()))
 
     async def _commit(self, parts: list[_Partition], *, final: bool = False) -> bool:
-        consumer = self._consumer
-        assert consumer is not None
         offsets = {
             p.tp: p.committable
             for p in parts
             if p.committable is not None and p.committable != p.committed
         }
+        return await self._commit_offsets(offsets, retry=not final, check_health=not final)
+
+    async def _commit_offsets(
+        self,
+        offsets: dict[TopicPartition, int],
+        *,
+        retry: bool,
+        check_health: bool,
+        client: AIOKafkaConsumer | None = None,
+    ) -> bool:
+        """Commit ``offsets`` (with ``client``, by default the source's consumer); on
+        failure log it (``retry``: a later commit carries them) and, ``check_health``,
+        count it as a failed broker round trip."""
+        consumer = client or self._consumer
+        assert consumer is not None
         if not offsets:
             return True
         try:
@@ -369,9 +539,9 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
                 connector=self.name,
                 offsets=_show(offsets),
                 error=repr(exc),
-                retry=not final,
+                retry=retry,
             )
-            if not final:
+            if check_health:
                 self._health.check(exc)
             return False
         for tp, offset in offsets.items():
@@ -404,11 +574,12 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
             n = unsent.get(part.tp, 0)
             part.tracker.discard_after(len(part.tracker) - n)
             self._pending -= n
-        with anyio.move_on_after(self.revoke_timeout):
-            while any(part.tracker for part in gone):
-                self._acked.clear()
-                await self._acked.wait()
-        await self._commit(gone)
+        if not self._checkpointed:  # with checkpoints, only checkpoints commit
+            with anyio.move_on_after(self.revoke_timeout):
+                while any(part.tracker for part in gone):
+                    self._acked.clear()
+                    await self._acked.wait()
+            await self._commit(gone)
         for part in gone:
             part.active = False
             self._pending -= len(part.tracker)  # not finished in time: read again elsewhere
@@ -420,6 +591,10 @@ class KafkaSource(BufferedSource[tuple[_Partition, ConsumerRecord[Any, Any]]]):
         self.stats.assignments += 1
         for tp in assigned:
             self._parts.setdefault(tp, _Partition(tp))
+        if self._checkpointed:  # go on where the flow's position is, not at the group's
+            known = assigned & self._offsets.keys()
+            if known:
+                self._seek(known)
         if self._paused and self._consumer is not None:
             self._consumer.pause(*assigned)
         log.info("connector.assigned", connector=self.name, partitions=_show_tps(assigned))
@@ -434,6 +609,22 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.source._on_assigned(assigned)
+
+
+def _offsets_state(offsets: Mapping[TopicPartition, int]) -> dict[str, int]:
+    """``{"topic:partition": offset}``, sorted: a position's JSON form."""
+    return {f"{tp.topic}:{tp.partition}": offsets[tp] for tp in sorted(offsets)}
+
+
+def _parse_offsets(state: Mapping[str, Any]) -> dict[TopicPartition, int]:
+    """The offsets of a position's ``"topic:partition"`` keys (see :func:`_offsets_state`)."""
+    offsets: dict[TopicPartition, int] = {}
+    for key, offset in state.items():
+        topic, sep, partition = str(key).rpartition(":")
+        if not sep or not topic:
+            raise ValueError(f"not a 'topic:partition' key in a Kafka position: {key!r}")
+        offsets[TopicPartition(topic, int(partition))] = int(offset)
+    return offsets
 
 
 def _show(offsets: dict[TopicPartition, int]) -> dict[str, int]:
