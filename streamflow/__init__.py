@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from ._channel import Channel as Channel
 from ._channel import ChannelStatistics as ChannelStatistics
 from ._channel import Overflow as Overflow
+from ._checkpoint_store import DirectoryStore as DirectoryStore
 from ._checkpointer import CheckpointStats as CheckpointStats
 from ._checkpoints import CheckpointError as CheckpointError
 from ._checkpoints import CheckpointInfo as CheckpointInfo
@@ -104,6 +105,7 @@ __all__ = [
     "Composite",
     "Count",
     "DeadLetter",
+    "DirectoryStore",
     "ErrorPolicy",
     "FailedItem",
     "Flow",
