@@ -44,6 +44,7 @@ class CheckpointHooks(Protocol):
     """What a runner needs from the flow's checkpoint coordinator."""
 
     final_done: asyncio.Event  # the last checkpoint is taken (or given up)
+    released: asyncio.Event  # every participant is restored: items may flow
 
     async def source_entered(self) -> None: ...
 
@@ -82,7 +83,9 @@ class Runner:
         # put(run): send a run at once if it fits (one output only); False: await emit(run)
         self.put: Callable[[list[Message[Any]]], bool] = _refuse
         self.set_up = asyncio.Event()  # its setup is done (a checkpoint restores it then)
-        self.at_end = False  # done with its input, waiting for the flow's last checkpoint
+        # not reading its input and holding no item: done with its input and waiting for
+        # the flow's last checkpoint, or not started yet
+        self.resting = False
         self.finished = False
 
     def participant(self) -> Any:
@@ -92,7 +95,7 @@ class Runner:
     def quiet(self) -> bool:
         """Whether no item is in this stage's hands or its inbox (a checkpoint waits for a
         quiet flow)."""
-        if self.finished or self.at_end:
+        if self.finished or self.resting:
             return True
         recv = self.recv
         return recv is not None and recv.idle and not len(recv.channel)
@@ -102,7 +105,7 @@ class Runner:
         last checkpoint is taken, so that checkpoint still holds its state and can commit."""
         checkpointer = self.rt.checkpointer
         if checkpointer is not None and self.participant() is not None:
-            self.at_end = True
+            self.resting = True
             await checkpointer.final_done.wait()
 
     def connect(self, send: SendEnd[Message[Any]], reader: str) -> None:

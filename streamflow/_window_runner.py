@@ -134,6 +134,10 @@ class WindowRunner(Runner):
         assert recv is not None
         loop = asyncio.get_running_loop()
         self.set_up.set()
+        if self.rt.checkpointer is not None:  # restored windows set the first deadline
+            self.resting = True  # quiet meanwhile (it has taken nothing)
+            await self.rt.checkpointer.released.wait()
+            self.resting = False
         while await recv.wait(self._deadline(loop.time())):
             run = recv.take_run()
             if run and self.key_by is not None:
@@ -189,6 +193,8 @@ class WindowRunner(Runner):
         self.wm = state["watermark"]
         for origin, largest in state["inputs"]:
             self.origins[origin] = [largest, now]
+        if self.origins:  # as if they just sent: the start-up hold ends ``idle`` s from now
+            self.hold_until = now + self.idle
         self.held["late"] = state["late"]
         self.arrivals = itertools.count(state["arrivals"])
 
