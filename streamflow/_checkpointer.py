@@ -58,6 +58,8 @@ class CheckpointStats:
     """The number of the newest checkpoint written."""
     last_bytes: int = 0
     """Its size in bytes."""
+    largest_bytes: int = 0
+    """The size of the largest checkpoint written in this run."""
     pauses_s: list[float] = field(default_factory=list)
     """Per checkpoint, how long the sources were paused (seconds; the last 1024)."""
     writes_s: list[float] = field(default_factory=list)
@@ -291,6 +293,7 @@ class Checkpointer:
         stats.taken += 1
         stats.last = number
         stats.last_bytes = size
+        stats.largest_bytes = max(stats.largest_bytes, size)
         _keep(stats.writes_s, seconds)
 
     async def _quiet_snapshot(self, final: bool) -> bool:

@@ -49,6 +49,20 @@ def test_any_plain_state_round_trips(state: Any) -> None:
     assert same(decode_state(text, tensors), state)
 
 
+def test_a_tensor_twice_and_views_sharing_memory_are_stored(tmp_path: Path) -> None:
+    """safetensors refuses tensors that share memory: the same tensor is stored once, a
+    view of a stored one as a copy."""
+    batch = torch.randn(6, 3)
+    state = {"pending": [(batch, batch[0]), (batch, batch[1])], "again": batch}
+    store = DirectoryStore(tmp_path / "ckpt")
+    store.write(1, {}, {}, {"learn": state})
+    back = store.latest()
+    assert back is not None
+    got = back.states["learn"]
+    assert torch.equal(got["again"], batch) and torch.equal(got["pending"][1][1], batch[1])
+    assert len(list((tmp_path / "ckpt").glob("*/state-0.safetensors"))) == 1
+
+
 def test_tensors_go_to_safetensors_and_come_back(tmp_path: Path) -> None:
     weights = {"w": torch.randn(3, 4), "b": torch.arange(4)}
     store = DirectoryStore(tmp_path / "ckpt")

@@ -45,8 +45,7 @@ async def _crashed_then_resumed(schedule: str, path: Path, crash_after: float) -
     first = MemorySource(DATA, delay=0.0005)
     async with _flow(_trainer(schedule), first, path).start() as running:
         await asyncio.sleep(crash_after)
-        running._stop_at_once("cancelled")  # what a SIGKILL leaves: no drain, no last checkpoint
-        await running.wait()
+        await running.stop(drain=False)  # what a SIGKILL leaves: no drain, no last checkpoint
     assert 0 < first.taken < N
     trainer = _trainer(schedule)  # a new process: nothing learned in memory
     async with _flow(trainer, MemorySource(DATA), path).start() as running:
