@@ -90,15 +90,23 @@ async def trainer_run(topic: str, n: int, checkpoints: sf.Checkpoints | None) ->
     )
     source = KafkaSource(topic, f"{topic}-{uuid.uuid4().hex[:6]}", BOOTSTRAP, max_pending=256)
     flow = sf.Flow("bench-trainer", checkpoints=checkpoints)
+    first, last = asyncio.Event(), asyncio.Event()
+    seen = [0]
+
+    def out(prediction: Any) -> None:
+        seen[0] += 1
+        if seen[0] == 1:
+            first.set()
+        elif seen[0] == n:
+            last.set()
+
     flow.source("records", source).map("decode", lambda r: pool[int(r.raw) % 64]).map(
         "learn", trainer
-    ).sink("out", lambda _: None)
+    ).sink("out", out)
     async with flow.start() as running:
-        while trainer.metrics().items < 1:
-            await asyncio.sleep(0.001)
+        await first.wait()
         t0 = time.perf_counter()
-        while trainer.metrics().items < n:
-            await asyncio.sleep(0.005)
+        await last.wait()
         seconds = time.perf_counter() - t0
         await running.stop(drain=False)
     return {"rate": (n - 1) / seconds, "stats": running.checkpoints}
@@ -106,7 +114,6 @@ async def trainer_run(topic: str, n: int, checkpoints: sf.Checkpoints | None) ->
 
 async def windows_run(n: int, keys: int, checkpoints: sf.Checkpoints | None) -> dict[str, Any]:
     readings = [(i % keys, i * 9.0 / n) for i in range(n)]
-    done = asyncio.Event()
     count = [0]
 
     def out(w: Any) -> None:
@@ -124,7 +131,6 @@ async def windows_run(n: int, keys: int, checkpoints: sf.Checkpoints | None) -> 
     async with flow.start() as running:
         await running.wait()
     seconds = time.perf_counter() - t0
-    del done
     assert count[0] == keys
     return {"rate": n / seconds, "stats": running.checkpoints}
 

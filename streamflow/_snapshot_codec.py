@@ -13,7 +13,7 @@ import base64
 import json
 import math
 from itertools import chain
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["StateTypeError", "decode_state", "encode_state"]
 
@@ -81,7 +81,7 @@ def _enc(value: Any, tensors: dict[str, Any]) -> Any:
         return {_TAG: "tensor", "v": _tensor_name(value, tensors)}
     for base in _BASES:  # a subclass (an IntEnum, an OrderedDict, ...) as its base type
         if isinstance(value, base):
-            return _enc(base(value), tensors)
+            return _enc(cast(Any, base)(value), tensors)
     raise _Refused
 
 
