@@ -115,7 +115,6 @@ class Checkpointer:
         self.final_done = asyncio.Event()  # the last checkpoint is taken (or given up)
         self.lock = asyncio.Lock()
         self.failure: BaseException | None = None
-        self._captured: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
 
     # -- start: restore ----------------------------------------------------------------
 
@@ -245,10 +244,10 @@ class Checkpointer:
             t0 = time.perf_counter()
             for source in self.sources:
                 source.pause()
-            self._captured = ({}, {})
             resumed = False
             try:
-                if not await self._quiet_snapshot(final):
+                captured = await self._quiet_snapshot()
+                if captured is None:
                     self.stats.skipped += 1
                     log.warning(
                         "checkpoint.skipped",
@@ -257,7 +256,7 @@ class Checkpointer:
                         why=f"the flow was not quiet within {self.config.timeout:g} s",
                     )
                     return False
-                positions, states = self._captured
+                positions, states = captured
                 number = self.number
                 self.number += 1
                 encoded = await anyio.to_thread.run_sync(_encode, states)
@@ -296,13 +295,14 @@ class Checkpointer:
         stats.largest_bytes = max(stats.largest_bytes, size)
         _keep(stats.writes_s, seconds)
 
-    async def _quiet_snapshot(self, final: bool) -> bool:
-        """Wait for a quiet flow and capture every participant's snapshot there."""
+    async def _quiet_snapshot(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Wait for a quiet flow and capture there the sources' positions and every
+        participant's snapshot; ``None`` when the flow did not get quiet in time."""
         deadline = time.monotonic() + self.config.timeout
         while True:
             while not self._quiet():
                 if time.monotonic() > deadline:
-                    return False
+                    return None
                 await asyncio.sleep(_POLL)
             seen = self._moved()
             states: dict[str, Any] = {}
@@ -320,8 +320,7 @@ class Checkpointer:
             for source in self.sources:
                 part = source.participant()
                 positions[source.name] = None if part is None else part.snapshot()
-            self._captured = (positions, states)
-            return True
+            return positions, states
 
     def _quiet(self) -> bool:
         for source in self.sources:

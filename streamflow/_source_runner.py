@@ -34,20 +34,30 @@ class SourceRunner(Runner):
         self._scope: anyio.CancelScope | None = None
         # the flow's acks with an on_ack, not fired yet (aborted if the flow fails)
         self.live: set[_Ack] | None = None
-        # checkpoints: pause between runs; ``held`` while not pulling (paused, not yet
+        # checkpoints: pause between runs; ``_resting`` while not pulling (paused, not yet
         # started or ended), so the position the source reports is where it stands
-        self.held = True
+        self._resting = True
+        self._waiting = False  # in a pull that cannot be interrupted
         self._pausing = False
         self._go = asyncio.Event()
         self._go.set()
         self._cancel_safe = False  # a waiting pull may be interrupted to pause
         self._counted = _Counted()  # an ``iterate`` source's position: items handed out
+        self._blind = False
 
     def participant(self) -> Any:
         source = self.spec.fn
         if isinstance(source, iterate):
             return self._counted
         return participant_of(source)
+
+    @property
+    def held(self) -> bool:
+        """Whether the source hands out nothing now (a checkpoint waits for every source
+        to be held). A source without a position is held while it waits for its next
+        item, which is then kept back until the checkpoint is taken; one with a position
+        counts that item in it, so it is sent on first."""
+        return self._resting or (self._waiting and self._blind)
 
     def stop(self) -> None:
         """Stop pulling. An item already pulled is still sent (nothing taken is lost)."""
@@ -70,11 +80,11 @@ class SourceRunner(Runner):
         self._go.set()
 
     async def _paused(self) -> None:
-        self.held = True
+        self._resting = True
         try:
             await self._go.wait()
         finally:
-            self.held = False
+            self._resting = False
 
     def _wrap(self, items: list[Any], born: float) -> list[Message[Any]]:
         counter, origin = self.c.outcomes, self.name
@@ -114,7 +124,7 @@ class SourceRunner(Runner):
                 await stack.enter_async_context(source)
             if checkpointer is not None:
                 await checkpointer.source_entered()  # restored: its position is set
-            self.held = False
+            self._resting = False
             try:
                 skip = self._counted.handed
                 if isinstance(source, iterate) and isinstance(it := aiter(source), _AsyncIter):
@@ -128,7 +138,7 @@ class SourceRunner(Runner):
                             break
                     await self._pull(it, getattr(source, "receive_nowait", None))
             finally:
-                self.held = True
+                self._resting = True
                 if checkpointer is not None:
                     checkpointer.source_ended()
                 self.close_outputs()
@@ -160,6 +170,7 @@ class SourceRunner(Runner):
         outside it, so an item already pulled is never lost."""
         emit, put, since = self.emit, self.put, 0
         self._cancel_safe = receive_nowait is not None
+        self._blind = self.participant() is None  # no position to keep consistent
         try:
             while not self._stopping:
                 if self._pausing:
@@ -184,9 +195,14 @@ class SourceRunner(Runner):
                     self._scope = scope
                     try:
                         while not self._stopping and not self._pausing:
-                            msgs = self._wrap([await it.__anext__()], _perf())
-                            if not put(msgs):
-                                blocked = msgs
+                            self._waiting = True
+                            try:
+                                item = await it.__anext__()
+                            finally:
+                                self._waiting = False
+                            msgs = self._wrap([item], _perf())
+                            if (self._pausing and self._blind) or not put(msgs):
+                                blocked = msgs  # kept back until the checkpoint is taken
                                 break
                             if receive_nowait is not None:
                                 break  # it may hold more now: read them in a run
@@ -197,6 +213,8 @@ class SourceRunner(Runner):
                 if scope.cancelled_caught and self._stopping:
                     return
                 if blocked is not None:
+                    if self._pausing and self._blind:
+                        await self._paused()
                     await emit(blocked)
         finally:
             aclose = getattr(it, "aclose", None)

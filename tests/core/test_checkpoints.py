@@ -358,3 +358,31 @@ def test_describe_says_what_is_checkpointed_and_which_source_cannot_seek(tmp_pat
     assert "position=checkpointed" in lines["a"]
     assert "position=none" in lines["b"]
     assert "state=checkpointed" in lines["s"] and "state=" not in lines["out"]
+
+
+@pytest.mark.asyncio
+async def test_a_quiet_source_that_cannot_seek_does_not_hold_checkpoints_back(
+    tmp_path: Path,
+) -> None:
+    """An async generator waiting for its next item (it has no position to keep) counts as
+    paused: checkpoints go on every ``every`` seconds, the other source's too."""
+    gate = asyncio.Event()
+
+    async def rarely() -> Any:
+        await gate.wait()
+        yield {"k": 9, "v": 1, "i": -1}
+
+    out: list[Any] = []
+    flow = sf.Flow("quiet", checkpoints=sf.Checkpoints(tmp_path, every=0.02, timeout=5.0))
+    busy = flow.source("busy", MemorySource(READINGS, delay=0.001))
+    sf.merge("both", busy, flow.source("rare", rarely())).key_by(
+        "by_k", lambda r: r["k"]
+    ).stateful_map("sum", _sum_by_key).sink("out", sf.collect(out))
+    async with flow.start() as running:
+        await asyncio.sleep(1.0)
+        gate.set()
+        await running.wait()
+    stats = running.checkpoints
+    assert stats is not None and stats.taken >= 10 and stats.skipped == 0
+    assert max(stats.pauses_s) < 0.5
+    assert {i for _, i, _ in out} == set(range(len(READINGS))) | {-1}
