@@ -46,7 +46,13 @@ class StoredCheckpoint:
 
 class DirectoryStore:
     """Checkpoints in the directory ``path`` (created when missing), the newest ``keep``
-    kept. ``write`` blocks on file I/O: call it on a worker thread, not the event loop."""
+    kept: the store ``sf.Checkpoints(path)`` makes.
+
+    A store is what has ``path``, ``keep``, ``write_encoded(number, graph, positions,
+    encoded)`` (durable when it returns) and ``candidates(limit)`` (the checkpoints that
+    read back whole, newest first): another store (an object store, a database) can take
+    this one's place in ``sf.Checkpoints(store)``. Every method blocks on I/O: the flow
+    calls them on a worker thread, never on the event loop."""
 
     def __init__(self, path: str | os.PathLike[str], keep: int = 3) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:

@@ -82,3 +82,26 @@ async def test_pipelined_schedules_learn_each_item_exactly_once_across_a_crash(
     # every part applied one update per item (partime) or per mini-batch (nf1b)
     per_part = N if schedule == "partime" else N // 4
     assert all(v == per_part for v in metrics.updates), metrics.updates
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_of_another_model_shape_is_refused_naming_the_stage(
+    tmp_path: Path,
+) -> None:
+    await _flow(_trainer("sync"), MemorySource(DATA[:40]), tmp_path).run()
+
+    torch.manual_seed(1)
+    wider = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1), nn.Flatten(0))
+    other = sf.OnlineTrainer(
+        wider,
+        ["cpu:0", "cpu:1"],
+        partition=[2, 2],
+        loss_fn=lambda out, y: ((out - y) ** 2).mean(),
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+        schedule="sync",
+        microbatches=4,
+    )
+    with pytest.raises(sf.StageError, match="stage 'learn' cannot restore") as caught:
+        await _flow(other, MemorySource(DATA[:40]), tmp_path).run()
+    assert caught.value.stage == "learn" and caught.value.phase == "checkpoint"
+    assert "size mismatch" in str(caught.value)
