@@ -13,6 +13,10 @@ on a terminal (``--no-live``, or output to a pipe: a progress line about every s
 (``sf.pipeline`` over the same two CPU workers: the plans are chosen automatically and may
 use one worker when that measures faster), and the demo prints its throughput.
 No broker is needed. Run: .venv/bin/python examples/demo.py [--samples 10000] (``make demo``)
+
+With ``--checkpoints DIR`` the learning flow checkpoints the trainer and the stream's
+position every 2 s: stop it (Ctrl-C drains and takes a last checkpoint; even a kill -9
+loses nothing) and run the same command again, and it goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,9 +129,12 @@ async def predictions(score: Score) -> None:
         print(f"predicted {score.last}", flush=True)
 
 
-async def learn(samples: int, trainer: sf.OnlineTrainer, live: bool) -> Score:
+async def learn(
+    samples: int, trainer: sf.OnlineTrainer, live: bool, checkpoints: Path | None
+) -> tuple[Score, sf.CheckpointStats | None]:
     score = Score()
-    flow = sf.Flow("learn")
+    every = sf.Checkpoints(checkpoints, every=2.0) if checkpoints is not None else None
+    flow = sf.Flow("learn", checkpoints=every)
     readings: sf.Stream[Any] = flow.source("sensor", sf.iterate(sensor(samples)))
     (
         readings.map("spectrum", spectrum, envelope=True)
@@ -139,10 +147,10 @@ async def learn(samples: int, trainer: sf.OnlineTrainer, live: bool) -> Score:
         lines = predictions(score) if live else progress(running, trainer, score)
         ticker = asyncio.create_task(lines)
         try:
-            await running.wait()
+            await running.wait(stop_on_signals=True)  # Ctrl-C: drain, last checkpoint
         finally:
             ticker.cancel()
-    return score
+    return score, running.checkpoints
 
 
 def live_view_available() -> bool:
@@ -178,7 +186,7 @@ async def serve(trained: nn.Module, samples: int) -> None:
     )
 
 
-async def main(samples: int, live: bool) -> None:
+async def main(samples: int, live: bool, checkpoints: Path | None = None) -> None:
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # the spectrum runs on the loop: leave the other core to the workers
     trainer = sf.OnlineTrainer(
@@ -190,7 +198,18 @@ async def main(samples: int, live: bool) -> None:
         schedule="partime",
     )
     print(f"learning {samples} messages of {MACHINES} windows online, plan: {parts(trainer.plan)}")
-    score = await learn(samples, trainer, live)
+    score, saved = await learn(samples, trainer, live, checkpoints)
+    learned = trainer.metrics().items
+    if saved is not None and saved.restored is not None:
+        print(
+            f"restored checkpoint {saved.restored}: went on from message {learned - len(score.hits)}"
+        )
+    if learned < samples:  # stopped by a signal: the last checkpoint has it
+        print(f"stopped after {learned} of {samples} messages; run again to go on")
+        return
+    if len(score.hits) < 2 * max(1, min(200, samples // 10)):
+        print("nothing (or little) was left to learn in this run: see the first one")
+        return
     k = max(1, min(200, samples // 10))
     first, last = sum(score.hits[:k]) / k, sum(score.hits[-k:]) / k
     m = trainer.metrics()
@@ -212,5 +231,12 @@ if __name__ == "__main__":
         default=None,
         help="the live view (default: on when stdout is a terminal), else a line a second",
     )
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        metavar="DIR",
+        help="checkpoint the learning flow into DIR and go on from there when run again",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.samples, live_view_available() if args.live is None else args.live))
+    live = live_view_available() if args.live is None else args.live
+    asyncio.run(main(args.samples, live, args.checkpoints))

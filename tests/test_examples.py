@@ -32,3 +32,14 @@ def test_demo_learns_the_drifting_stream_then_serves_it() -> None:
     assert last > first + 0.05, rose[0]
     assert "msgs/s" in result.stdout and "served" in result.stdout
     assert result.stderr == ""  # quiet by default: no library logs below warning
+
+
+def test_demo_with_checkpoints_goes_on_where_it_stopped(tmp_path: Path) -> None:
+    command = [sys.executable, str(EXAMPLES / "demo.py"), "--samples", "600", "--no-live"]
+    command += ["--checkpoints", str(tmp_path / "ckpt")]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "prequential accuracy rose" in first.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "restored checkpoint" in again.stdout and "went on from message 600" in again.stdout
