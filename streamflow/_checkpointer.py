@@ -52,6 +52,9 @@ class CheckpointStats:
     """Checkpoints written in this run."""
     skipped: int = 0
     """Checkpoints given up (the flow did not become quiet within the timeout)."""
+    failed: int = 0
+    """Checkpoints whose write failed (an ``OSError``: disk full, ...); logged as
+    ``checkpoint.failed``, the flow goes on and the checkpoint before still holds."""
     restored: int | None = None
     """The number of the checkpoint restored at start, or ``None``."""
     last: int | None = None
@@ -264,9 +267,16 @@ class Checkpointer:
                     self._resume(t0)
                     resumed = True
                 t1 = time.perf_counter()
-                path, size = await anyio.to_thread.run_sync(
-                    self.config.store.write_encoded, number, self.graph, positions, encoded
-                )
+                try:
+                    path, size = await anyio.to_thread.run_sync(
+                        self.config.store.write_encoded, number, self.graph, positions, encoded
+                    )
+                except OSError as exc:  # nothing was committed: the one before still holds
+                    self.stats.failed += 1
+                    log.error(
+                        "checkpoint.failed", flow=self.flow, checkpoint=number, error=repr(exc)
+                    )
+                    return False
                 await self._commit(number, positions, states)
                 self._done(number, size, time.perf_counter() - t1)
                 log.info(

@@ -179,6 +179,11 @@ def _families(snaps: list[FlowSnapshot]) -> Iterator[Metric]:
         "Checkpoints given up: the flow was not quiet within the timeout.",
         labels=flow_labels,
     )
+    failed = CounterMetricFamily(
+        "streamflow_checkpoints_failed",
+        "Checkpoints whose write failed (the one before still holds).",
+        labels=flow_labels,
+    )
     size = GaugeMetricFamily(
         "streamflow_checkpoint_bytes", "Size of the newest checkpoint.", labels=flow_labels
     )
@@ -198,6 +203,7 @@ def _families(snaps: list[FlowSnapshot]) -> Iterator[Metric]:
         if ck is not None:
             taken.add_metric([flow], ck.taken)
             skipped.add_metric([flow], ck.skipped)
+            failed.add_metric([flow], ck.failed)
             if ck.last is not None:
                 size.add_metric([flow], ck.last_bytes)
             if ck.pauses_s:
@@ -239,7 +245,7 @@ def _families(snaps: list[FlowSnapshot]) -> Iterator[Metric]:
                 updates.add_metric([flow, name, str(part)], steps)
     families: list[Metric] = [state, info, *counters.values(), depth, capacity, busy]
     families += [latency, e2e, acks, total, held, *trainer.values(), samples, updates]
-    families += [taken, skipped, size, pause, write]
+    families += [taken, skipped, failed, size, pause, write]
     yield from (family for family in families if family.samples)
 
 

@@ -386,3 +386,34 @@ async def test_a_quiet_source_that_cannot_seek_does_not_hold_checkpoints_back(
     assert stats is not None and stats.taken >= 10 and stats.skipped == 0
     assert max(stats.pauses_s) < 0.5
     assert {i for _, i, _ in out} == set(range(len(READINGS))) | {-1}
+
+
+class FlakyStore(sf.DirectoryStore):
+    """A store whose second write fails, as a full disk would."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.writes = 0
+
+    def write_encoded(self, checkpoint: int, *args: Any) -> Any:
+        self.writes += 1
+        if self.writes == 2:
+            raise OSError(28, "No space left on device")
+        return super().write_encoded(checkpoint, *args)
+
+
+@pytest.mark.asyncio
+async def test_a_failed_write_is_logged_and_the_flow_goes_on(tmp_path: Path) -> None:
+    out: list[Any] = []
+    flow = sf.Flow("disk", checkpoints=sf.Checkpoints(FlakyStore(tmp_path), every=0.02))
+    flow.source("src", MemorySource(READINGS, delay=0.0005)).key_by(
+        "by_k", lambda r: r["k"]
+    ).stateful_map("sum", _sum_by_key).sink("out", sf.collect(out))
+    with structlog.testing.capture_logs() as logs:
+        async with flow.start() as running:
+            await running.wait()
+    stats = running.checkpoints
+    assert stats is not None and stats.failed == 1 and stats.taken >= 3
+    failed = [e for e in logs if e["event"] == "checkpoint.failed"]
+    assert len(failed) == 1 and "No space left" in failed[0]["error"]
+    assert len(out) == len(READINGS)

@@ -225,6 +225,7 @@ async def test_checkpoints_report_count_size_pause_and_write_time(tmp_path: Any)
         await running.wait()
     assert value(samples, "streamflow_checkpoints_total", flow="ckpt") >= 2
     assert value(samples, "streamflow_checkpoints_skipped_total", flow="ckpt") == 0
+    assert value(samples, "streamflow_checkpoints_failed_total", flow="ckpt") == 0
     assert value(samples, "streamflow_checkpoint_bytes", flow="ckpt") > 0
     assert 0 < value(samples, "streamflow_checkpoint_pause_seconds", flow="ckpt") < 1
     assert 0 < value(samples, "streamflow_checkpoint_write_seconds", flow="ckpt") < 1
