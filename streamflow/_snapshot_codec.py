@@ -66,6 +66,8 @@ def _enc(value: Any, tensors: dict[str, Any]) -> Any:
             types <= _PLAIN and all(map(math.isfinite, _floats(value, types)))
         ):
             return value
+        if types == {list} and _plain(list(chain.from_iterable(value))):
+            return value  # a column of lists of plain values, e.g. [sum, n]
         if types == {tuple} and _plain(list(chain.from_iterable(value))):
             return {_TAG: "tuples", "v": list(map(list, value))}  # e.g. a column of (sum, n)
         return [_enc(v, tensors) for v in value]
