@@ -36,6 +36,8 @@ bench: setup brokers
 	$(BIN)/python benchmarks/pipeline_training.py
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/kafka_throughput.py
+	$(BIN)/python benchmarks/windows.py
+	$(BIN)/python benchmarks/checkpoints.py
 
 clean: brokers-stop
 	rm -rf $(VENV) .brokers .pytest_cache .mypy_cache
