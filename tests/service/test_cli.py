@@ -80,7 +80,10 @@ def test_a_failing_stage_with_debug_logs_prints_the_traceback(app: App) -> None:
     [
         ("svcapp", "expected MODULE:ATTR"),
         ("nosuchmodule:flow", "cannot import module 'nosuchmodule'"),
-        ("svcapp:nope", "has no attribute 'nope' (flows there: failing, short, unfinished, totals)"),
+        (
+            "svcapp:nope",
+            "has no attribute 'nope' (flows there: failing, short, unfinished, totals)",
+        ),
         ("svcapp:number", "svcapp:number is builtins.int 3: expected a streamflow.Flow"),
         ("svcapp:check", "svcapp:check failed"),  # called with no arguments: TypeError
     ],
