@@ -95,6 +95,11 @@ class _Waiters:
             self._futures.remove(waiter)
 
 
+def _loop(waiters: _Waiters) -> asyncio.AbstractEventLoop:
+    waiters._loop = asyncio.get_running_loop()
+    return waiters._loop
+
+
 def _waker(waiter: asyncio.Future[None]) -> Callable[[asyncio.Future[Any]], None]:
     def done(_: asyncio.Future[Any]) -> None:
         _wake(waiter)
@@ -452,20 +457,6 @@ class ReceiveEnd(Generic[T]):
 
     def take_run(self) -> list[T]:
         """Every item buffered now, oldest first (``[]`` when there is none)."""
-        if self._held:
-            self._release()
-        ch = self._channel
-        buffer = ch._buffer
-        if not buffer:
-            return []
-        run = list(buffer)
-        buffer.clear()
-        self._hold(len(run))
-        return run
-
-    async def next_run(self) -> list[T]:
-        """The next run: every item buffered, oldest first, waiting while there is none;
-        ``[]`` once the channel is closed and empty."""
         ch = self._channel
         if self._held:
             ch._held -= self._held
@@ -473,25 +464,8 @@ class ReceiveEnd(Generic[T]):
             if ch._room._futures:
                 ch._room.wake_all()
         buffer = ch._buffer
-        while not buffer:
-            if ch._closed:
-                return []
-            waiters = ch._items  # park here (the hot path: no deadline, nothing else)
-            loop = waiters._loop
-            if loop is None:
-                loop = waiters._loop = asyncio.get_running_loop()
-            waiter = loop.create_future()
-            waiters._futures.append(waiter)
-            self.idle = True
-            try:
-                await waiter
-            except BaseException:
-                waiters._forget(waiter)
-                if waiter.done() and not waiter.cancelled() and buffer:
-                    waiters.wake_one()  # pass the wake-up on
-                raise
-            finally:
-                self.idle = False
+        if not buffer:
+            return []
         if len(buffer) == 1:
             run = [buffer.popleft()]
         else:
@@ -502,6 +476,44 @@ class ReceiveEnd(Generic[T]):
             ch._held += self._held
         elif ch._room._futures:
             ch._room.wake_all()
+        return run
+
+    def park(self) -> asyncio.Future[None] | None:
+        """After :meth:`take_run` found nothing: a future done when an item may be there
+        (then take again), for the reader to await directly (the hot path: no coroutine
+        between the reader and its wake-up); ``None`` once the channel is closed and empty.
+        A reader cancelled while awaiting it must call :meth:`unpark`."""
+        ch = self._channel
+        if ch._closed:
+            return None
+        waiters = ch._items
+        waiter = (waiters._loop or _loop(waiters)).create_future()
+        waiters._futures.append(waiter)
+        self.idle = True
+        return waiter
+
+    def unpark(self, waiter: asyncio.Future[None]) -> None:
+        """The reader awaiting ``waiter`` (from :meth:`park`) was cancelled: forget it, and
+        pass a wake-up it got on to the next reader."""
+        self.idle = False
+        waiters = self._channel._items
+        waiters._forget(waiter)
+        if waiter.done() and not waiter.cancelled() and self._channel._buffer:
+            waiters.wake_one()
+
+    async def next_run(self) -> list[T]:
+        """The next run: every item buffered, oldest first, waiting while there is none;
+        ``[]`` once the channel is closed and empty."""
+        while not (run := self.take_run()):
+            waiter = self.park()
+            if waiter is None:
+                return []
+            try:
+                await waiter
+            except BaseException:
+                self.unpark(waiter)
+                raise
+            self.idle = False
         return run
 
     def take_up_to(self, limit: int) -> list[T]:

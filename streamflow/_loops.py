@@ -54,11 +54,23 @@ async def inline(r: FunctionRunner) -> None:
         call, awaited = fn, r.invoke.is_async
     recv, settle, c, emit, put = r.recv, r.settle, r.c, r.emit, r.put
     assert recv is not None
-    next_run, envelope = recv.next_run, r.spec.envelope
+    take, park, envelope = recv.take_run, recv.park, r.spec.envelope
     loop = asyncio.get_running_loop()
     plain: set[type] = set()  # result types of a plain function known not to be awaitable
     awaitable = inspect.isawaitable
-    while run := await next_run():
+    while True:
+        run = take()
+        if not run:  # wait on the channel's future itself (recv.next_run, one frame less)
+            waiter = park()
+            if waiter is None:
+                return
+            try:
+                await waiter
+            except BaseException:
+                recv.unpark(waiter)
+                raise
+            recv.idle = False
+            continue
         t0 = _perf()
         results: list[Any] = []
         # only an await can suspend the task: a plain function's run needs watching only

@@ -23,6 +23,9 @@ LATENCY_BOUNDS_S: tuple[float, ...] = (
 )  # fmt: skip
 _BOUNDS = LATENCY_BOUNDS_S
 _EDGES = (*LATENCY_BOUNDS_S, float("inf"))
+_FIRST = LATENCY_BOUNDS_S[0]
+_MASK = _SAMPLES - 1
+_NAN = float("nan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +102,10 @@ class Counters:
         self.skipped = 0
         self.retries = 0
         self.busy_s = 0.0
-        self.lat: list[float] = []
+        # rings of the last samples (NaN: not written yet), and where the next one goes
+        self.lat = [_NAN] * _SAMPLES
         self.lat_i = 0
-        self.e2e: list[float] = []
+        self.e2e = [_NAN] * _SAMPLES
         self.e2e_i = 0
         self.lat_hist = [0] * len(_EDGES)  # per bucket, not cumulative; the sum is busy_s
         self.e2e_hist = [0] * len(_EDGES)
@@ -114,13 +118,13 @@ class Counters:
     def record(self, seconds: float) -> None:
         """One item took ``seconds`` inside the stage's function."""
         self.busy_s += seconds
-        self.lat_hist[bisect_left(_BOUNDS, seconds)] += 1
-        lat = self.lat
-        if len(lat) < _SAMPLES:
-            lat.append(seconds)
+        if seconds <= _FIRST:  # the common case, without a search
+            self.lat_hist[0] += 1
         else:
-            lat[self.lat_i] = seconds
-            self.lat_i = (self.lat_i + 1) & (_SAMPLES - 1)
+            self.lat_hist[bisect_left(_BOUNDS, seconds)] += 1
+        i = self.lat_i
+        self.lat[i] = seconds
+        self.lat_i = (i + 1) & _MASK
 
     def record_run(self, seconds: float, n: int) -> None:
         """A run of ``n`` items came in and took ``seconds`` in all: one latency sample,
@@ -128,13 +132,13 @@ class Counters:
         self.items_in += n
         self.busy_s += seconds
         sample = seconds / n
-        self.lat_hist[bisect_left(_BOUNDS, sample)] += n
-        lat = self.lat
-        if len(lat) < _SAMPLES:
-            lat.append(sample)
+        if sample <= _FIRST:
+            self.lat_hist[0] += n
         else:
-            lat[self.lat_i] = sample
-            self.lat_i = (self.lat_i + 1) & (_SAMPLES - 1)
+            self.lat_hist[bisect_left(_BOUNDS, sample)] += n
+        i = self.lat_i
+        self.lat[i] = sample
+        self.lat_i = (i + 1) & _MASK
 
     def record_arrivals(self, now: float, msgs: list[Message[Any]]) -> None:
         """A run of messages reached a sink at ``now``: each one's end-to-end latency."""
@@ -142,12 +146,12 @@ class Counters:
         for msg in msgs:
             took = now - msg._born
             total += took
-            hist[bisect_left(_BOUNDS, took)] += 1
-            if len(e2e) < _SAMPLES:
-                e2e.append(took)
+            if took <= _FIRST:
+                hist[0] += 1
             else:
-                e2e[i] = took
-                i = (i + 1) & (_SAMPLES - 1)
+                hist[bisect_left(_BOUNDS, took)] += 1
+            e2e[i] = took
+            i = (i + 1) & _MASK
         self.e2e_i = i
         self.e2e_sum += total
 
@@ -185,10 +189,10 @@ def _cumulative(hist: list[int]) -> tuple[tuple[float, int], ...]:
     return tuple(zip(_EDGES, accumulate(list(hist)), strict=True))
 
 
-def _quantiles(samples: list[float]) -> tuple[float | None, float | None]:
-    if not samples:
+def _quantiles(ring: list[float]) -> tuple[float | None, float | None]:
+    ordered = sorted(s for s in list(ring) if s == s)  # NaN: a slot not written yet
+    if not ordered:
         return None, None
-    ordered = sorted(samples)
     n = len(ordered)
     return ordered[(n - 1) // 2], ordered[min(n - 1, round(0.99 * (n - 1)))]
 

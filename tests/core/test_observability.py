@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import pytest
 import structlog
@@ -64,3 +65,26 @@ async def test_json_logging(capsys: pytest.CaptureFixture[str]) -> None:
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [line["event"] for line in lines] == ["flow.start", "flow.stop"]
     assert lines[1]["delivered"] == {"o": 2} and lines[1]["level"] == "info"
+
+
+async def test_latency_quantiles_are_recent_and_buckets_whole_run() -> None:
+    """p50/p99 are over the last 2048 samples; the histogram counts every item of the run."""
+    slow = 100
+
+    def work(x: int) -> int:
+        if x < slow:  # the first items each take 300 us
+            end = time.perf_counter() + 0.0003
+            while time.perf_counter() < end:
+                pass
+        return x
+
+    flow = sf.Flow("ring")
+    n = slow + 2100  # the slow samples have left the ring of the last 2048
+    flow.source("s", range(n)).map("work", work, capacity=1).sink("o", sf.collect(), capacity=1)
+    await flow.run()
+    m = flow.metrics()["work"]
+    assert m.items_in == n
+    buckets = dict(m.latency_buckets)
+    assert buckets[float("inf")] == n  # every item, in one bucket or another
+    assert n - buckets[0.00025] >= slow  # the slow items are still counted
+    assert m.latency_p99_s is not None and m.latency_p99_s < 0.00025  # but not in the ring
