@@ -66,7 +66,7 @@ class Message(Generic[T]):
         self.value = value
         self.meta = meta
         self.key = key
-        self._ack: _Ack | None = _Ack(on_ack) if on_ack is not None else None
+        self._ack: _Ack | None = _Notifying(on_ack) if on_ack is not None else None
         self._born = 0.0
         self._origin: str | None = None  # the source it came from (set by the source)
 
@@ -95,33 +95,29 @@ class Message(Generic[T]):
 
 
 class _Ack:
-    """Reference-counted acknowledgement shared by every item derived from one source item.
+    """Reference-counted acknowledgement shared by every item derived from one source item;
+    when the last of them is handled, the combined outcome is counted at the source.
 
     Outcomes are accumulated as plain ints (``Outcome`` values; enum arithmetic is slow on
-    the per-item path) and turned into an :class:`Outcome` once, when the ack fires.
+    the per-item path). An item with an ``on_ack`` carries a :class:`_Notifying` instead.
     """
 
-    __slots__ = ("callback", "counter", "live", "outcome", "pending")
+    __slots__ = ("counter", "outcome", "pending")
 
-    def __init__(
-        self, callback: AckCallback | None, counter: defaultdict[int, int] | None = None
-    ) -> None:
-        self.callback = callback
-        self.counter = counter  # the source's outcome counts
-        self.live: set[_Ack] | None = None  # the running flow's acks not fired yet
+    def __init__(self, counter: defaultdict[int, int] | None) -> None:
+        self.counter = counter  # the source's outcome counts (set when the source sends it)
         self.pending = 1
         self.outcome = 0
 
     def done(self, outcome: int) -> None:
         self.outcome |= outcome
         self.pending -= 1
-        if self.pending == 0:
-            if self.live is not None:
-                self.live.discard(self)
-            if self.counter is not None:
-                self.counter[self.outcome] += 1
-            if self.callback is not None:
-                self.callback(Outcome(self.outcome))
+        if self.pending == 0:  # the plain case inline: this runs once per item
+            self.counter[self.outcome] += 1  # type: ignore[index]  # a source's own ack
+
+    def _fire(self) -> None:
+        if self.counter is not None:
+            self.counter[self.outcome] += 1
 
     def abort(self) -> None:
         """Fire now, with ``ABORTED`` added: the flow stopped before every derived item was
@@ -130,15 +126,41 @@ class _Ack:
             return
         self.pending = 0
         self.outcome |= ABORTED
+        self._fire()
+
+
+class _Firing(_Ack):
+    """An ack that does more than count when it fires (:meth:`_fire`)."""
+
+    __slots__ = ()
+
+    def done(self, outcome: int) -> None:
+        self.outcome |= outcome
+        self.pending -= 1
+        if self.pending == 0:
+            self._fire()
+
+
+class _Notifying(_Firing):
+    """The ack of a source item with an ``on_ack``: it also calls that, once, and is in the
+    running flow's set of acks not fired yet (which a failing flow aborts)."""
+
+    __slots__ = ("callback", "live")
+
+    def __init__(self, callback: AckCallback) -> None:
+        super().__init__(None)
+        self.callback = callback
+        self.live: set[_Ack] | None = None  # the running flow's acks not fired yet
+
+    def _fire(self) -> None:
         if self.live is not None:
             self.live.discard(self)
         if self.counter is not None:
             self.counter[self.outcome] += 1
-        if self.callback is not None:
-            self.callback(Outcome(self.outcome))
+        self.callback(Outcome(self.outcome))
 
 
-class _AckGroup(_Ack):
+class _AckGroup(_Firing):
     """The ack of a batch: handling the batch handles each member."""
 
     __slots__ = ("members",)
@@ -147,34 +169,27 @@ class _AckGroup(_Ack):
         super().__init__(None)
         self.members = members
 
-    def done(self, outcome: int) -> None:
-        self.outcome |= outcome
-        self.pending -= 1
-        if self.pending == 0:
-            for member in self.members:
-                member._done(self.outcome)
+    def _fire(self) -> None:
+        for member in self.members:
+            member._done(self.outcome)
 
 
-class _AckSet(_Ack):
+class _AckSet(_Firing):
     """The ack of a window: handling the window handles each item it holds (an item in
     several windows holds one pending count per window)."""
 
     __slots__ = ("acks",)
 
     def __init__(self, acks: list[_Ack]) -> None:  # no super() call: one per window
-        self.callback = None
         self.counter = None
-        self.live = None
         self.pending = 1
         self.outcome = 0
         self.acks = acks
 
-    def done(self, outcome: int) -> None:
-        self.outcome |= outcome
-        self.pending -= 1
-        if self.pending == 0:
-            for ack in self.acks:
-                ack.done(self.outcome)
+    def _fire(self) -> None:
+        outcome = self.outcome
+        for ack in self.acks:
+            ack.done(outcome)
 
 
 # Outcome values as ints, for the per-item path.

@@ -16,7 +16,7 @@ from ._errors import ChannelClosed, StageError
 from ._flowstate import FlowState
 from ._logging import get_logger
 from ._loops import LOOP_RUNNERS
-from ._message import DROPPED, Message, _Ack
+from ._message import DROPPED, Message, _Ack, _Notifying
 from ._metrics import StageMetrics
 from ._runners import BatchRunner, FunctionRunner, Runner, UnbatchRunner
 from ._signals import Interrupted, wait_stopping_on_signals
@@ -233,7 +233,8 @@ class RunningFlow:
             self._abort_ack(self._live.pop())
 
     def _abort_ack(self, ack: _Ack) -> None:
-        ack.live = None
+        if isinstance(ack, _Notifying):
+            ack.live = None
         try:
             ack.abort()
         except Exception as exc:  # one bad on_ack must not keep the others from failing

@@ -14,7 +14,7 @@ import anyio
 from ._checkpoints import participant_of
 from ._errors import ChannelClosed
 from ._io import _AsyncIter, iterate
-from ._message import Message, _Ack
+from ._message import Message, _Ack, _Notifying
 from ._runners import Runner, Supervisor
 from ._spec import StageSpec
 
@@ -88,24 +88,29 @@ class SourceRunner(Runner):
 
     def _wrap(self, items: list[Any], born: float) -> list[Message[Any]]:
         counter, origin = self.c.outcomes, self.name
+        new_msg, new_ack = Message.__new__, _Ack.__new__
         msgs = []
         self._counted.handed += len(items)
         for item in items:
             if type(item) is Message:
                 msg = item
-                if msg._ack is None:
-                    msg._ack = _Ack(None, counter)
+                ack = msg._ack
+                if ack is None:
+                    msg._ack = _Ack(counter)
                 else:
-                    msg._ack.counter = counter
-                    if self.live is not None:
-                        msg._ack.live = self.live
-                        self.live.add(msg._ack)
+                    ack.counter = counter
+                    if self.live is not None and isinstance(ack, _Notifying):
+                        ack.live = self.live
+                        self.live.add(ack)
             else:
-                msg = Message.__new__(Message)
+                msg = new_msg(Message)
                 msg.value = item
                 msg.meta = None
                 msg.key = None
-                msg._ack = _Ack(None, counter)
+                msg._ack = ack = new_ack(_Ack)  # _Ack(counter), without the call
+                ack.counter = counter
+                ack.pending = 1
+                ack.outcome = 0
             msg._born = born
             msg._origin = origin
             msgs.append(msg)
