@@ -39,6 +39,7 @@ __all__ = ["FusedRunner", "LateItem", "WindowRunner"]
 
 log = get_logger("streamflow")
 _INF = math.inf
+_NO_INPUT: Any = object()
 
 
 class LateItem(Exception):
@@ -140,11 +141,10 @@ class WindowRunner(Runner):
             self.resting = False
         while await recv.wait(self._deadline(loop.time())):
             run = recv.take_run()
-            if run and self.key_by is not None:
-                run = self._keyed(run)
             if run:
+                keys = self._keys(run) if self.key_by is not None else [m.key for m in run]
                 self.c.items_in += len(run)
-                await self._take(run, loop.time())
+                await self._take(run, keys, loop.time())
             self._close(self._watermark(loop.time()))
             if self.ready:
                 await self._emit_ready()
@@ -220,22 +220,26 @@ class WindowRunner(Runner):
             return [w for ws in self.sessions.values() for w in ws]
         return list(self.open.values())
 
-    def _keyed(self, run: list[Message[Any]]) -> list[Message[Any]]:
-        """The fused ``key_by``: set each item's key (its error fails the flow, as the
-        stage's own ``errors="fail"`` would), counting in its counters."""
+    def _keys(self, run: list[Message[Any]]) -> list[Any]:
+        """The fused ``key_by``: each item's key (its error fails the flow, as the stage's
+        own ``errors="fail"`` would), counting in its counters. ``_take`` sets them."""
         assert self.key_by is not None
         c, key = self.key_by.c, self.key_by.spec.fn
         t0 = time.perf_counter()
-        for msg in run:
-            try:
-                msg.key = key(msg.value)
-            except Exception as exc:
-                raise StageError(
-                    self.key_by.name, msg.value, exc, flow=self.rt.name, meta=msg.meta
-                ) from exc
+        try:
+            keys = [key(msg.value) for msg in run]
+        except Exception:
+            for msg in run:  # which item: call again one by one (a key function is pure)
+                try:
+                    key(msg.value)
+                except Exception as exc:
+                    raise StageError(
+                        self.key_by.name, msg.value, exc, flow=self.rt.name, meta=msg.meta
+                    ) from exc
+            raise
         c.record_run(time.perf_counter() - t0, len(run))
         c.items_out += len(run)
-        return run
+        return keys
 
     async def _emit_ready(self) -> None:
         out, self.ready = self.ready, []
@@ -300,24 +304,35 @@ class WindowRunner(Runner):
 
     # -- assigning items ---------------------------------------------------------------
 
-    async def _take(self, run: list[Message[Any]], now: float) -> None:
-        """Place each item of ``run`` (arrived at ``now``, ``loop.time()``). Tumbling
-        windows take the short path inline: one window per item, found by its start."""
+    async def _take(self, run: list[Message[Any]], keys: list[Any], now: float) -> None:
+        """Place each item of ``run`` (its ``keys``; arrived at ``now``, ``loop.time()``).
+        Tumbling windows take the short path inline: one window per item, found by its
+        start. What the loop keeps in locals (the one input's watermark, the next end due)
+        is read again after anything that may have changed it."""
         time_fn, lateness, origins, heap = self.time_fn, self.lateness, self.origins, self.heap
         wall = time.time() if time_fn is None else 0.0
         shape = self.shape
         tumbling = type(shape) is Tumbling
         size, offset = (shape.size, shape.offset) if tumbling else (1.0, 0.0)
-        floor, isfinite, opened, add = math.floor, math.isfinite, self.open, self.add
+        floor, opened, add = math.floor, self.open, self.add
         placed = 0  # items the short path put in windows (counted once, after the run)
-        for msg in run:
+        # one input (and no start-up hold): the stage's watermark is that input's
+        single = len(origins) == 1 and not self.holding
+        wm = self.wm
+        next_end = heap[0][0] if heap else _INF  # the earliest end still in the heap
+        last_origin: Any = _NO_INPUT  # the input of the item before, and its [largest, seen]
+        seen: list[float] = []
+        for msg, key in zip(run, keys, strict=True):
+            msg.key = key
             if time_fn is None:
                 t = wall
                 watermark = wall - lateness
             else:
                 try:
-                    t = float(time_fn(msg.value))
-                    if not isfinite(t):
+                    t = time_fn(msg.value)
+                    if type(t) is not float:
+                        t = float(t)
+                    if t - t != 0.0:  # inf or nan
                         raise ValueError(f"the event time must be finite, got {t!r}")
                 except Exception as exc:
                     await self.recover(msg, exc)
@@ -328,38 +343,45 @@ class WindowRunner(Runner):
                     if type(meta) is dict and "partition" in meta
                     else msg._origin
                 )
-                seen = origins.get(origin)
-                if seen is None:
-                    seen = origins[origin] = [t, now]
-                    if self.holding:
-                        self._seen_input(msg._origin, origin is not msg._origin, now)
-                else:
-                    if t > seen[0]:
-                        seen[0] = t
-                    seen[1] = now
-                # the one input just sent this item: it is active
-                if len(origins) == 1 and not self.holding:
+                if origin is not last_origin:
+                    last_origin = origin
+                    known = origins.get(origin)
+                    if known is None:
+                        known = origins[origin] = [t, now]
+                        if self.holding:
+                            self._seen_input(msg._origin, origin is not msg._origin, now)
+                        single = len(origins) == 1 and not self.holding
+                    seen = known
+                if t > seen[0]:
+                    seen[0] = t
+                seen[1] = now
+                if single:  # the one input just sent this item: it is active
                     watermark = seen[0] - lateness
-                    if watermark > self.wm:
-                        self.wm = watermark
+                    if watermark > wm:
+                        self.wm = wm = watermark
                     else:
-                        watermark = self.wm
+                        watermark = wm
                 else:
                     watermark = self._watermark(now)
-            if heap and heap[0][0] <= watermark:
+                    wm = self.wm
+                    single = not self.holding and len(origins) == 1
+            if next_end <= watermark:
                 self._close(watermark)  # first what closed before this item came
+                next_end = heap[0][0] if heap else _INF
             try:
                 if not tumbling:
                     await self._assign(msg, t, watermark)
+                    next_end = heap[0][0] if heap else _INF
                     continue
                 start = offset + size * floor((t - offset) / size)
-                key = msg.key
                 if start + size <= watermark:
                     await self._late(msg, key, [(start, start + size)])
+                    next_end = heap[0][0] if heap else _INF
                     continue
                 w = opened.get((key, start))
                 if w is None:
                     w = opened[key, start] = self._new(key, start, start + size, msg._born)
+                    next_end = heap[0][0]
                 if add is not None:
                     w.acc = add(w.acc, msg.value)
                 else:

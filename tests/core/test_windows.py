@@ -323,6 +323,34 @@ async def test_a_time_function_that_raises_follows_the_policy_for_that_item_only
     assert outcomes.count(sf.Outcome.SKIPPED) == 1
 
 
+@pytest.mark.asyncio
+async def test_an_event_time_that_is_not_a_finite_number_follows_the_policy() -> None:
+    got: list[sf.Window[Any]] = []
+    outcomes: list[sf.Outcome] = []
+    times: list[Any] = [1, math.nan, "2.5", math.inf, -math.inf, 3.0, "soon"]
+    flow = sf.Flow("bad_times")
+    flow.source("e", [sf.Message(t, on_ack=outcomes.append) for t in times]).key_by(
+        "k", lambda t: 0
+    ).window("w", sf.Tumbling(10.0), time=lambda t: t, errors="skip").sink("out", got.append)
+    await flow.run()
+    assert [w.items for w in got] == [[1, "2.5", 3.0]]  # an int and a numeric str are times
+    assert outcomes.count(sf.Outcome.SKIPPED) == 4
+    assert outcomes.count(sf.Outcome.DELIVERED) == 3
+
+
+@pytest.mark.asyncio
+async def test_a_key_function_that_raises_fails_the_flow_naming_the_key_stage() -> None:
+    flow = sf.Flow("bad_key")
+    flow.source("e", [{"k": 1, "t": 1.0}, {"t": 2.0}]).key_by("by_k", lambda e: e["k"]).window(
+        "w", sf.Tumbling(10.0), time=lambda e: e["t"]
+    ).sink("out", sf.collect())
+    with pytest.raises(sf.StageError) as info:
+        await flow.run()
+    assert info.value.stage == "by_k"
+    assert info.value.item == "{'t': 2.0}"  # the item as described in the error
+    assert isinstance(info.value.__cause__, KeyError)
+
+
 def test_window_options_are_checked_when_the_flow_is_built() -> None:
     flow = sf.Flow("opts")
     keyed = flow.source("s", [1]).key_by("k", lambda x: x)
