@@ -60,7 +60,7 @@ async def inline(r: FunctionRunner) -> None:
     awaitable = inspect.isawaitable
     while True:
         run = take()
-        if not run:  # wait on the channel's future itself (recv.next_run, one frame less)
+        if not run:  # recv.next_run, inline: await the channel's future itself
             waiter = park()
             if waiter is None:
                 return

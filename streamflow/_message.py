@@ -113,7 +113,8 @@ class _Ack:
         self.outcome |= outcome
         self.pending -= 1
         if self.pending == 0:  # the plain case inline: this runs once per item
-            self.counter[self.outcome] += 1  # type: ignore[index]  # a source's own ack
+            # a plain ack is made by its source, with the source's counter
+            self.counter[self.outcome] += 1  # type: ignore[index]
 
     def _fire(self) -> None:
         if self.counter is not None:
