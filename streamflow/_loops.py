@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any
@@ -55,7 +56,7 @@ async def inline(r: FunctionRunner) -> None:
     recv, settle, c, emit, put = r.recv, r.settle, r.c, r.emit, r.put
     assert recv is not None
     take, park, envelope = recv.take_run, recv.park, r.spec.envelope
-    loop = asyncio.get_running_loop()
+    flusher = _flusher(asyncio.get_running_loop())
     plain: set[type] = set()  # result types of a plain function known not to be awaitable
     awaitable = inspect.isawaitable
     while True:
@@ -73,25 +74,31 @@ async def inline(r: FunctionRunner) -> None:
             continue
         t0 = _perf()
         results: list[Any] = []
-        # only an await can suspend the task: a plain function's run needs watching only
-        # once one of its results turns out to be awaitable
-        state = _Run(r, run, results, loop) if awaited and len(run) > 1 else None
+        state: _Run | None = None
         try:
-            for msg in run:
-                if awaited:
-                    value = await call(msg if envelope else msg.value)
+            if awaited:  # a coroutine per item: each may suspend the task, so watch the run
+                if len(run) == 1:
+                    msg = run[0]
+                    results.append(await call(msg if envelope else msg.value))
                 else:
+                    state = _Run(r, run, results, flusher)
+                    for msg in run:
+                        results.append(await call(msg if envelope else msg.value))
+                        if not state.armed:
+                            state.arm()  # it flushed while we waited: watch the next wait
+            else:  # only an awaitable result can suspend it: watch the run from the first
+                for msg in run:
                     value = call(msg if envelope else msg.value)
                     if type(value) not in plain:
                         if awaitable(value):
                             if state is None and len(run) > 1:
-                                state = _Run(r, run, results, loop)
+                                state = _Run(r, run, results, flusher)
                             value = await value
                         else:
                             plain.add(type(value))
-                results.append(value)
-                if state is not None and not state.armed:
-                    state.arm()  # it flushed while we waited: watch for the next wait
+                    results.append(value)
+                    if state is not None and not state.armed:
+                        state.arm()
             ok = run
         except Exception as exc:
             ok = await _finish_run(r, run, results, exc, state)
@@ -102,34 +109,78 @@ async def inline(r: FunctionRunner) -> None:
             await emit(out)
 
 
+class _Flusher:
+    """The one callback that sends on what suspended runs have finished, shared by every
+    inline loop on an event loop: scheduled at most once per turn of the loop, and only
+    when a run asks. When it runs, every run that asked is suspended or over (the loop
+    runs one thing at a time), so each flushes what it has finished; a run asks again
+    once it has finished another item after that."""
+
+    __slots__ = ("runs", "scheduled")
+
+    def __init__(self) -> None:
+        self.runs: list[_Run] = []
+        self.scheduled = False
+
+    def watch(self, run: _Run) -> None:
+        self.runs.append(run)
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        runs, self.runs = self.runs, []
+        for run in runs:
+            try:
+                run.flush()
+            except Exception as exc:  # as a callback of its own would: to the loop's handler
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": f"stage {run.r.name!r}: sending a partial run", "exception": exc}
+                )
+
+
+_FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    flusher = _FLUSHERS.get(loop)
+    if flusher is None:
+        flusher = _FLUSHERS[loop] = _Flusher()
+    return flusher
+
+
 class _Run:
     """A run in progress on the loop: its results, and how many of them went on already.
 
-    ``flush`` is scheduled on the loop when the run starts: it only gets to run while the
-    stage's task is suspended (or once the run is over, when there is nothing left to do),
-    and then settles and sends what is finished, if the outputs have room."""
+    The loop's :class:`_Flusher` is asked to flush when the run starts: it only gets to
+    run while the stage's task is suspended (or once the run is over, when there is
+    nothing left to do), and then settles and sends what is finished, if the outputs have
+    room."""
 
-    __slots__ = ("armed", "loop", "ok", "r", "results", "settled", "unsent")
+    __slots__ = ("armed", "flusher", "ok", "r", "results", "settled", "unsent")
 
     def __init__(
         self,
         r: FunctionRunner,
         run: list[Message[Any]],
         results: list[Any],
-        loop: asyncio.AbstractEventLoop,
+        flusher: _Flusher,
     ) -> None:
         self.r = r
-        self.loop = loop
+        self.flusher = flusher
         self.ok = run  # the messages that succeeded (the run itself until one fails)
         self.results = results  # theirs, in order (the loop appends to this list)
         self.settled = 0
         self.unsent: list[Message[Any]] | None = None
         self.armed = True
-        loop.call_soon(self.flush)
+        flusher.watch(self)
 
     def arm(self) -> None:
         self.armed = True
-        self.loop.call_soon(self.flush)
+        self.flusher.watch(self)
 
     def flush(self) -> None:
         self.armed = False
