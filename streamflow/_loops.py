@@ -86,7 +86,7 @@ async def inline(r: FunctionRunner) -> None:
                         results.append(await call(msg if envelope else msg.value))
                         if not state.armed:
                             state.arm()  # it flushed while we waited: watch the next wait
-            else:  # only an awaitable result can suspend it: watch the run from the first
+            else:  # only an awaitable result can suspend it: watch the run once one turns up
                 for msg in run:
                     value = call(msg if envelope else msg.value)
                     if type(value) not in plain:
